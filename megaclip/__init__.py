@@ -1,0 +1,1 @@
+"""megaclip: tensor-parallel CLIP pre-training."""

@@ -1,0 +1,255 @@
+"""Structured configuration: dataclass schema -> omegaconf, YAML files, dotted overrides, aliases.
+
+Keys follow the CLIP training guide (``model.vision.*``, ``model.text.*``, ``model.optim.*``,
+``trainer.*``, ``exp_manager.*``). ``validate`` turns every bad combination into one ``ConfigError``
+line before any process group starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "clip_tiny"
+
+# Short command-line names for the keys people change most often.
+ALIASES = {
+    "tp": "model.tensor_model_parallel_size",
+    "gbs": "model.global_batch_size",
+    "mbs": "model.micro_batch_size",
+    "lr": "model.optim.lr",
+    "steps": "trainer.max_steps",
+    "precision": "trainer.precision",
+    "seed": "model.seed",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message is one line."""
+
+
+@dataclass
+class TowerConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    encoder_seq_length: int = 16
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | quick_gelu (OpenAI weights)
+
+
+@dataclass
+class VisionConfig(TowerConfig):
+    encoder_seq_length: Optional[int] = None  # number of patches; derived from the image when null
+    patch_dim: int = 8
+    img_h: int = 32
+    img_w: int = 32
+    num_channels: int = 3
+    class_token_length: int = 1
+    global_average_pool: bool = False
+    image_mean: Optional[List[float]] = None
+    image_std: Optional[List[float]] = None
+
+
+@dataclass
+class TokenizerConfig:
+    library: str = "sentencepiece"
+    model: Optional[str] = None  # None: the tokenizer written next to the synthetic shards
+
+
+@dataclass
+class TextConfig(TowerConfig):
+    vocab_size: int = 64
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "fused_adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+
+@dataclass
+class DataConfig:
+    synthetic_dir: Optional[str] = "data/synthetic"  # generated on first use when absent
+    train_shards: Optional[str] = None  # brace pattern; None: the synthetic train split
+    val_shards: Optional[str] = None
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    synthetic_train_samples: int = 16384
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    output_dim: int = 64
+    tensor_model_parallel_size: int = 1
+    micro_batch_size: Optional[int] = None  # None: global_batch_size / data-parallel size
+    global_batch_size: int = 64
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    seed: int = 1234
+    linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    log_every_n_steps: int = 10
+    val_check_interval: int = 50
+    precision: str = "32"  # 32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ExpManagerConfig:
+    exp_dir: str = "runs/clip"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+
+
+def load_config(config_name: str = DEFAULT_CONFIG, overrides: List[str] = ()) -> DictConfig:
+    """Schema <- configs/<config_name>.yaml <- ``key=value`` overrides; unknown keys are errors."""
+    path = Path(config_name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{config_name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    dotlist = [_expand_alias(o) for o in overrides]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(dotlist))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_from_argv(argv: List[str]) -> DictConfig:
+    """``[--config-name NAME] key=value ...`` -> validated config (ConfigError on any problem)."""
+    argv = list(argv)
+    name = DEFAULT_CONFIG
+    for flag in ("--config-name", "-c"):
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a config name")
+            name = argv[i + 1]
+            del argv[i:i + 2]
+    cfg = load_config(name, argv)
+    validate(cfg, world_size_from_env())
+    return cfg
+
+
+def _expand_alias(override: str) -> str:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value")
+    key, value = override.split("=", 1)
+    return f"{ALIASES.get(key, key)}={value}"
+
+
+def _one_line(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{first} (key: {key})" if key and key not in first else first
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(cfg: Any, world_size: int) -> int:
+    return world_size // cfg.model.tensor_model_parallel_size
+
+
+def micro_batch_size(cfg: Any, world_size: int) -> int:
+    return cfg.model.micro_batch_size or cfg.model.global_batch_size // data_parallel_size(cfg, world_size)
+
+
+def validate(cfg: Any, world_size: int) -> None:
+    """Raise ConfigError (one line) for any configuration that cannot run at this world size."""
+    m = cfg.model
+    tp = m.tensor_model_parallel_size
+    if tp < 1:
+        raise ConfigError(f"model.tensor_model_parallel_size must be >= 1, got {tp}")
+    if world_size % tp:
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size {tp}")
+    for name in ("vision", "text"):
+        _validate_tower(name, m[name], tp)
+    v = m.vision
+    if v.img_h % v.patch_dim or v.img_w % v.patch_dim:
+        raise ConfigError(f"model.vision image {v.img_h}x{v.img_w} is not divisible by patch_dim {v.patch_dim}")
+    patches = (v.img_h // v.patch_dim) * (v.img_w // v.patch_dim)
+    if v.encoder_seq_length not in (None, patches):
+        raise ConfigError(f"model.vision.encoder_seq_length {v.encoder_seq_length} != {patches} patches of a {v.img_h}x{v.img_w} image (set it to null)")
+    if tp > 1 and m.linear_impl == "torch":
+        raise ConfigError("model.linear_impl=torch is single-device only; use auto or megatron with tp > 1")
+    if m.linear_impl not in ("auto", "megatron", "torch"):
+        raise ConfigError(f"model.linear_impl must be auto, megatron or torch, got '{m.linear_impl}'")
+    dp = world_size // tp
+    if m.global_batch_size % dp:
+        raise ConfigError(f"model.global_batch_size {m.global_batch_size} is not divisible by data-parallel size {dp} (world {world_size} / tp {tp})")
+    if m.micro_batch_size is not None and m.micro_batch_size * dp != m.global_batch_size:
+        raise ConfigError(
+            f"model.micro_batch_size {m.micro_batch_size} x data-parallel size {dp} != global_batch_size "
+            f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
+    if m.optim.name not in ("fused_adam", "adamw"):
+        raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam)")
+    if cfg.trainer.precision not in ("32", "bf16"):
+        raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")
+    _validate_data(m)
+
+
+def _validate_tower(name: str, t: Any, tp: int) -> None:
+    key = f"model.{name}"
+    if t.hidden_size % t.num_attention_heads:
+        raise ConfigError(f"{key}.hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+    if t.num_attention_heads % tp:
+        allowed = [d for d in range(1, t.num_attention_heads + 1) if t.num_attention_heads % d == 0]
+        raise ConfigError(f"{key}.num_attention_heads {t.num_attention_heads} is not divisible by tensor_model_parallel_size {tp} (possible tp: {allowed})")
+    if t.ffn_hidden_size % tp:
+        raise ConfigError(f"{key}.ffn_hidden_size {t.ffn_hidden_size} is not divisible by tensor_model_parallel_size {tp}")
+    if t.activation not in ("gelu", "quick_gelu"):
+        raise ConfigError(f"{key}.activation must be gelu or quick_gelu, got '{t.activation}'")
+
+
+def _validate_data(m: Any) -> None:
+    from megaclip.data.loader import expand_shards
+
+    d = m.data
+    for key in ("train_shards", "val_shards"):
+        pattern = d[key]
+        if pattern is None:
+            if d.synthetic_dir is None:
+                raise ConfigError(f"model.data.{key} is not set and model.data.synthetic_dir is null")
+            continue
+        if not expand_shards(pattern):
+            raise ConfigError(f"model.data.{key}: no shard files found for '{pattern}'")

@@ -1,0 +1,1 @@
+from megaclip.model.clip import CLIPModel  # noqa: F401

@@ -1,0 +1,34 @@
+"""ViT image tower: conv patch embedding, class token(s), learned positions, pre-LN blocks, pooling,
+projection. Only the transformer blocks are tensor-parallel; the rest is small and replicated."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megaclip.model.parallel import Linears
+from megaclip.model.transformer import ParallelTransformer
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg, output_dim: int, linears: Linears):
+        super().__init__()
+        width, patch = cfg.hidden_size, cfg.patch_dim
+        num_patches = (cfg.img_h // patch) * (cfg.img_w // patch)
+        scale = width ** -0.5
+        self.global_average_pool = cfg.global_average_pool
+        self.num_class_tokens = cfg.class_token_length
+        self.conv1 = nn.Conv2d(cfg.num_channels, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.class_token_length, width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.class_token_length + num_patches, width))
+        self.ln_pre = nn.LayerNorm(width, eps=cfg.layernorm_epsilon)
+        self.transformer = ParallelTransformer(cfg, causal=False, linears=linears)
+        self.ln_post = nn.LayerNorm(width, eps=cfg.layernorm_epsilon)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # [b, patches, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
+        pooled = x[:, self.num_class_tokens:].mean(1) if self.global_average_pool else x[:, 0]
+        return pooled @ self.proj
