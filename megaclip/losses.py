@@ -2,7 +2,7 @@
 
 Only DP ranks hold different samples: ranks of one TP group compute identical features, so gathering
 over the whole world (as NeMo did) would count every sample TP times. ``torch.distributed.nn``'s
-all_gather is differentiable (its backward reduce-scatters), so with ``gather_with_grad`` both the
+With ``gather_with_grad`` the gather is differentiable (its backward reduce-scatters), so both the
 global and the local loss give exactly the gradient of the loss over the global batch once the DP
 gradient all-reduce averages over ranks.
 """
@@ -10,14 +10,34 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward reduce-scatters (sums) the gradient.
+
+    Hand-written because torch.distributed.nn's all_gather backward on gloo addresses subgroup ranks
+    as global ranks and fails for every DP group that does not contain rank 0 (any TP > 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return local, None
+
+
 def gather_features(x: torch.Tensor, group, with_grad: bool) -> torch.Tensor:
     if with_grad:
-        return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
+        return _AllGatherWithGrad.apply(x, group)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.detach(), group=group)
     parts[dist.get_rank(group)] = x  # keep the gradient path for the local features
@@ -32,8 +52,9 @@ class ClipLoss(nn.Module):
         self.group = group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        # Logits and softmax in fp32 whatever the model's precision.
-        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+        # Logits and softmax in fp32 (or better) whatever the model's precision.
+        image_features, text_features, logit_scale = (
+            t.to(torch.promote_types(t.dtype, torch.float32)) for t in (image_features, text_features, logit_scale))
         world = dist.get_world_size(self.group) if dist.is_initialized() and self.group is not None else 1
         rank = dist.get_rank(self.group) if world > 1 else 0
         batch = image_features.shape[0]

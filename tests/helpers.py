@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from megaclip.config import load_config
+from megaclip.model.parallel import gather_tensor_parallel
 
 SMALL = [
     "model.vision.num_layers=2", "model.vision.hidden_size=32", "model.vision.ffn_hidden_size=64",
@@ -30,3 +31,16 @@ def fixed_batch(cfg, batch: int, seed: int = 0):
         tokens[i, 1:n + 1] = torch.randint(4, t.vocab_size, (n,), generator=g)
         tokens[i, n + 1] = 3
     return images, tokens
+
+
+def full_tensors(model, cfg):
+    """{name: (value, grad)} gathered to full size over TP; the token embedding without its padding
+    rows, whose number depends on TP."""
+    out = {}
+    for name, p in model.named_parameters():
+        value = gather_tensor_parallel(p.detach(), p)
+        grad = gather_tensor_parallel(p.grad, p) if p.grad is not None else None
+        if name == "text.token_embedding.weight":
+            value, grad = value[: cfg.model.text.vocab_size], grad[: cfg.model.text.vocab_size] if grad is not None else None
+        out[name] = (value, grad)
+    return out

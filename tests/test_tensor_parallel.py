@@ -5,9 +5,8 @@ import torch
 from megaclip import distributed
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.model.parallel import gather_tensor_parallel
 from tests.distributed import run_distributed
-from tests.helpers import fixed_batch, small_config
+from tests.helpers import fixed_batch, full_tensors, small_config
 
 
 def full_params_and_grads(linear_impl: str = "auto"):
@@ -19,14 +18,7 @@ def full_params_and_grads(linear_impl: str = "auto"):
     images, tokens = fixed_batch(cfg, batch=6)
     loss = ClipLoss()(*model(images, tokens))
     loss.backward()
-    vocab = cfg.model.text.vocab_size
-    out = {}
-    for name, p in model.named_parameters():
-        value, grad = gather_tensor_parallel(p.detach(), p), gather_tensor_parallel(p.grad, p)
-        if name == "text.token_embedding.weight":  # padding rows depend on TP; compare the real vocabulary
-            value, grad = value[:vocab], grad[:vocab]
-        out[name] = (value, grad)
-    return loss.item(), out
+    return loss.item(), full_tensors(model, cfg)
 
 
 @pytest.fixture(scope="module")
