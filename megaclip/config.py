@@ -205,7 +205,9 @@ def validate(cfg: Any, world_size: int) -> None:
     for name in ("vision", "text"):
         _validate_tower(name, m[name], tp)
     v = m.vision
-    if v.img_h % v.patch_dim or v.img_w % v.patch_dim:
+    if v.img_h != v.img_w:
+        raise ConfigError(f"model.vision image {v.img_h}x{v.img_w}: only square images are supported (img_h == img_w)")
+    if v.img_h % v.patch_dim:
         raise ConfigError(f"model.vision image {v.img_h}x{v.img_w} is not divisible by patch_dim {v.patch_dim}")
     patches = (v.img_h // v.patch_dim) * (v.img_w // v.patch_dim)
     if v.encoder_seq_length not in (None, patches):
@@ -242,7 +244,7 @@ def _validate_tower(name: str, t: Any, tp: int) -> None:
 
 
 def _validate_data(m: Any) -> None:
-    from megaclip.data.loader import expand_shards
+    from megaclip.data.loader import expand_shards, missing_shards
 
     d = m.data
     for key in ("train_shards", "val_shards"):
@@ -251,5 +253,8 @@ def _validate_data(m: Any) -> None:
             if d.synthetic_dir is None:
                 raise ConfigError(f"model.data.{key} is not set and model.data.synthetic_dir is null")
             continue
+        missing = missing_shards(pattern)
+        if missing:
+            raise ConfigError(f"model.data.{key}: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
         if not expand_shards(pattern):
             raise ConfigError(f"model.data.{key}: no shard files found for '{pattern}'")

@@ -48,7 +48,7 @@ def build_loaders(cfg, world_size: int):
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is {m.text.vocab_size}")
     v = m.vision
     mean, std = v.image_mean or OPENAI_MEAN, v.image_std or OPENAI_STD
-    image_size = (v.img_h, v.img_w)
+    image_size = v.img_h  # square, checked by the config
     dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
     train = build_train_loader(
         sources.train_shards, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size(cfg, world_size),

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (3, ["tp=2"], "world size 3 is not divisible by tensor_model_parallel_size 2"),
     (3, ["gbs=64"], "global_batch_size 64 is not divisible by data-parallel size 3"),
     (2, ["mbs=16"], "micro_batch_size 16 x data-parallel size 2 != global_batch_size 64"),
-    (1, ["model.data.train_shards=/nonexistent/train-{000000..000003}.tar"], "no shard files found"),
+    (1, ["model.data.train_shards=/nonexistent/train-{000000..000003}.tar"], "shard file(s) missing, e.g. /nonexistent/train-000000.tar"),
     (1, ["model.vision.bogus=1"], "bogus"),
     (1, ["model.vision.hidden_size=wide"], "hidden_size"),
     (1, ["--config-name", "no_such_config"], "config file not found"),

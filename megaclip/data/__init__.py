@@ -1,0 +1,1 @@
+"""Data: synthetic shards, tokenizer, image transforms and webdataset loaders."""

@@ -1,0 +1,40 @@
+"""Where a run's shards and tokenizer come from: the configured paths, or the synthetic set, which is
+generated on first use (by one rank while the others wait)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from megaclip.data import synthetic
+
+
+@dataclass
+class DataSources:
+    train_shards: str
+    val_shards: str
+    tokenizer_model: Optional[str]
+
+
+def resolve(model_cfg) -> DataSources:
+    d, synthetic_dir = model_cfg.data, model_cfg.data.synthetic_dir
+    return DataSources(
+        train_shards=d.train_shards or synthetic.train_shards_pattern(synthetic_dir),
+        val_shards=d.val_shards or synthetic.val_shards_pattern(synthetic_dir),
+        tokenizer_model=model_cfg.text.tokenizer.model or (synthetic.tokenizer_path(synthetic_dir) if synthetic_dir else None),
+    )
+
+
+def ensure_synthetic(model_cfg) -> None:
+    """Generate the synthetic set if the config uses it and it is absent; all ranks return once it exists."""
+    d = model_cfg.data
+    uses_synthetic = d.synthetic_dir is not None and (d.train_shards is None or d.val_shards is None)
+    if uses_synthetic and not os.path.isdir(d.synthetic_dir) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"generating synthetic shards in {d.synthetic_dir} ...", flush=True)
+        # Rendered at 64 px at least so that downscaling to the model's size anti-aliases the shapes.
+        synthetic.write_synthetic_shards(d.synthetic_dir, image_size=max(64, model_cfg.vision.img_h),
+                                         train_samples=d.synthetic_train_samples, seed=0)
+    if dist.is_initialized():
+        dist.barrier()
