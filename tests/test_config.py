@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (1, ["model.vision.bogus=1"], "bogus"),
     (1, ["model.vision.hidden_size=wide"], "hidden_size"),
     (1, ["--config-name", "no_such_config"], "config file not found"),
+    (4, ["--config-name", "clip_g14", "tp=4"], "possible tp: [1, 2, 11, 22]; or use num_attention_heads=16"),
 ])
 def test_bad_config_is_one_clear_line(monkeypatch, world, args, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))

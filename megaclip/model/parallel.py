@@ -3,7 +3,7 @@
 Every tower builds its linears through a ``Linears`` factory: ``column`` splits output features across
 the tensor-parallel (TP) ranks, ``row`` splits input features and all-reduces the output. Whatever
 backs them (megatron-core's parallel linears, or a plain ``nn.Linear`` at TP=1, which we measured 7-9 %
-faster), parameters are named ``weight``/``bias`` with the same shapes, so checkpoints do not care.
+faster; with nn.Embedding for tokens, such a model needs no process group at all), parameters are named ``weight``/``bias`` with the same shapes, so checkpoints do not care.
 
 Weights are always initialised full-size on CPU from the global RNG and then split, so the same seed
 gives the same global model at any TP size.
@@ -83,7 +83,7 @@ class Linears:
         return RowLinear(in_features, out_features, config=self.config, init_method=init_method,
                          bias=bias, input_is_parallel=True, skip_bias_add=False)
 
-    def vocab_embedding(self, vocab_size: int, dim: int, std: float) -> VocabParallelEmbedding:
+    def vocab_embedding(self, vocab_size: int, dim: int, std: float) -> nn.Module:
         """Token embedding split over the vocabulary, padded to a multiple of 128 x TP.
 
         Only the real rows draw from the RNG (padding rows are zero), so the values do not depend on
@@ -93,7 +93,13 @@ class Linears:
             nn.init.normal_(w[:vocab_size], std=std)
             return nn.init.zeros_(w[vocab_size:])
 
-        return VocabParallelEmbedding(padded_vocab_size(vocab_size, self.tp), dim, init_method=init, config=self.config)
+        padded = padded_vocab_size(vocab_size, self.tp)
+        if self.impl == "torch":
+            embedding = nn.Embedding(padded, dim, device="meta").to_empty(device="cpu")
+            with torch.no_grad():
+                init(embedding.weight)
+            return embedding
+        return VocabParallelEmbedding(padded, dim, init_method=init, config=self.config)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -109,9 +115,8 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
 def gather_tensor_parallel(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The full-size tensor of a TP-sharded ``param`` (or of its gradient): shards concatenated along
     the partition dim. Replicated parameters come back as they are."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1 or not is_tensor_parallel(param):
+    if not is_tensor_parallel(param) or parallel_state.get_tensor_model_parallel_world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    parts = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=param.partition_dim)
