@@ -236,20 +236,21 @@ def _validate_tower(name: str, t: Any, tp: int) -> None:
         raise ConfigError(f"{key}.hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
     if t.num_attention_heads % tp:
         allowed = [d for d in range(1, t.num_attention_heads + 1) if t.num_attention_heads % d == 0]
-        raise ConfigError(f"{key}.num_attention_heads {t.num_attention_heads} is not divisible by tensor_model_parallel_size {tp} "
-                          f"(possible tp: {allowed}; or use num_attention_heads={_nearest_heads(t.hidden_size, t.num_attention_heads, tp)}, "
-                          f"which tp {tp} can split)")
+        heads = _nearest_heads(t.hidden_size, t.num_attention_heads, tp)
+        hint = f"; or use num_attention_heads={heads}, which tp {tp} can split" if heads else ""
+        raise ConfigError(f"{key}.num_attention_heads {t.num_attention_heads} is not divisible by "
+                          f"tensor_model_parallel_size {tp} (possible tp: {allowed}{hint})")
     if t.ffn_hidden_size % tp:
         raise ConfigError(f"{key}.ffn_hidden_size {t.ffn_hidden_size} is not divisible by tensor_model_parallel_size {tp}")
     if t.activation not in ("gelu", "quick_gelu"):
         raise ConfigError(f"{key}.activation must be gelu or quick_gelu, got '{t.activation}'")
 
 
-def _nearest_heads(width: int, heads: int, tp: int) -> int:
+def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
     """The head count closest to ``heads`` that divides ``width`` and that ``tp`` divides (for g/14's 22
     heads at tp 4 this is 16, open_clip's variant)."""
     candidates = [h for h in range(tp, width + 1, tp) if width % h == 0]
-    return min(candidates, key=lambda h: (abs(h - heads), h))
+    return min(candidates, key=lambda h: (abs(h - heads), h)) if candidates else None
 
 
 def _validate_data(m: Any) -> None:
