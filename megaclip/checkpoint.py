@@ -1,0 +1,132 @@
+"""Checkpoints on disk: one directory per step, written under a temporary name and renamed when
+complete, with a ``latest`` pointer updated last.
+
+    step_000100/
+      meta.json            step, consumed samples, the TP/DP layout it was saved at
+      config.yaml          the resolved config
+      model/tp_00.pt ...   each TP rank's parameter shard (see megaclip.model.state)
+
+Model shards are keyed by TP rank only, so a checkpoint loads at any TP size by unsharding to the
+full state and sharding again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from megaclip.model.state import State, shard_state, unshard_state
+
+FORMAT = 1
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename, so a file is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {path}") from None
+    except Exception as e:  # a truncated or corrupt file raises a zoo of pickle / zip errors
+        raise CheckpointError(f"checkpoint file unreadable: {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def write_meta(directory: Path, cfg: DictConfig, meta: Dict) -> None:
+    OmegaConf.save(cfg, directory / "config.yaml")
+    (directory / "meta.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
+
+
+def read_meta(directory: Path) -> Tuple[Dict, DictConfig]:
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        cfg = OmegaConf.load(directory / "config.yaml")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"not a megaclip checkpoint: {directory} ({Path(e.filename).name} missing)") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata unreadable in {directory}: {e}") from None
+    return meta, cfg
+
+
+def commit(directory: Path) -> None:
+    """Rename the finished temporary directory into place, then point ``latest`` at it."""
+    final = Path(directory)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary(final), final)
+    pointer = final.parent / LATEST
+    tmp = pointer.with_name(LATEST + ".tmp")
+    tmp.write_text(final.name + "\n")
+    os.replace(tmp, pointer)
+
+
+def latest(checkpoint_root: Path):
+    """The newest complete checkpoint directory under ``checkpoint_root``, or None."""
+    pointer = Path(checkpoint_root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def model_shard_path(directory: Path, tp_rank: int) -> Path:
+    return Path(directory) / "model" / f"tp_{tp_rank:02d}.pt"
+
+
+def resolve(path) -> Path:
+    """A step directory, given it or a checkpoint root (whose ``latest`` is followed)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {path} (no meta.json and no '{LATEST}' pointer)")
+    return found
+
+
+def write_model_checkpoint(root, full: State, cfg: DictConfig, tp: int, meta: Dict = None) -> Path:
+    """Write a model-only checkpoint at TP size ``tp`` from a full state (used by the converters)
+    as ``root/step_0000000`` with ``root/latest`` pointing at it."""
+    final = Path(root) / step_dir_name((meta or {}).get("step", 0))
+    staging = temporary(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    for rank in range(tp):
+        save_torch(shard_state(full, tp, rank), model_shard_path(staging, rank))
+    cfg = OmegaConf.merge(cfg, {"model": {"tensor_model_parallel_size": tp}})
+    write_meta(staging, cfg, {"step": 0, "consumed_samples": 0, "tensor_model_parallel_size": tp,
+                              "data_parallel_size": 1, **(meta or {})})
+    commit(final)
+    return final
+
+
+def read_full_model_state(path) -> Tuple[State, DictConfig]:
+    """The full model state and the config of a checkpoint (step dir or root) saved at any TP size."""
+    directory = resolve(path)
+    meta, cfg = read_meta(directory)
+    tp = meta["tensor_model_parallel_size"]
+    shards = [load_torch(model_shard_path(directory, rank)) for rank in range(tp)]
+    return unshard_state(shards, cfg.model.text.vocab_size), cfg
