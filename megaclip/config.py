@@ -44,6 +44,9 @@ class TowerConfig:
     encoder_seq_length: int = 16
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # gelu | quick_gelu (OpenAI weights)
+    activations_checkpoint_granularity: Optional[str] = None  # null | full
+    activations_checkpoint_method: Optional[str] = None  # uniform (chunks of k layers) | block (first k layers)
+    activations_checkpoint_num_layers: int = 1
 
 
 @dataclass
@@ -111,6 +114,8 @@ class ModelConfig:
     gather_with_grad: bool = True
     seed: int = 1234
     linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
+    megatron_amp_O2: bool = False  # with trainer.precision=bf16: bf16 weights, fp32 master weights in the optimizer
+    sequence_parallel: bool = False  # needs tp > 1: activations outside the TP linears split along the sequence
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -223,10 +228,14 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError(
             f"model.micro_batch_size {m.micro_batch_size} x data-parallel size {dp} != global_batch_size "
             f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
-    if m.optim.name not in ("fused_adam", "adamw"):
-        raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam)")
+    if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
+        raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")
+    if m.megatron_amp_O2 and cfg.trainer.precision != "bf16":
+        raise ConfigError("model.megatron_amp_O2=True needs trainer.precision=bf16")
+    if m.sequence_parallel:
+        _validate_sequence_parallel(m, tp, patches)
     _validate_data(m)
 
 
@@ -242,8 +251,26 @@ def _validate_tower(name: str, t: Any, tp: int) -> None:
                           f"tensor_model_parallel_size {tp} (possible tp: {allowed}{hint})")
     if t.ffn_hidden_size % tp:
         raise ConfigError(f"{key}.ffn_hidden_size {t.ffn_hidden_size} is not divisible by tensor_model_parallel_size {tp}")
+    if t.activations_checkpoint_granularity not in (None, "full"):
+        raise ConfigError(f"{key}.activations_checkpoint_granularity must be null or full, got '{t.activations_checkpoint_granularity}'")
+    if t.activations_checkpoint_granularity and t.activations_checkpoint_method not in ("uniform", "block"):
+        raise ConfigError(f"{key}.activations_checkpoint_method must be uniform or block, got '{t.activations_checkpoint_method}'")
+    if t.activations_checkpoint_num_layers < 1:
+        raise ConfigError(f"{key}.activations_checkpoint_num_layers must be >= 1")
     if t.activation not in ("gelu", "quick_gelu"):
         raise ConfigError(f"{key}.activation must be gelu or quick_gelu, got '{t.activation}'")
+
+
+def _validate_sequence_parallel(m: Any, tp: int, patches: int) -> None:
+    if tp == 1:
+        raise ConfigError("model.sequence_parallel=True needs tensor_model_parallel_size > 1")
+    # The text tower pads its sequence to a multiple of tp (exact under causal attention); the vision
+    # tower attends both ways, so its length must divide as it is.
+    seq = m.vision.class_token_length + patches
+    if seq % tp:
+        fits = [c for c in range(1, 4 * tp + 1) if (c + patches) % tp == 0][0]
+        raise ConfigError(f"model.sequence_parallel: vision sequence {m.vision.class_token_length} class token(s) + {patches} "
+                          f"patches = {seq} is not divisible by tp {tp} (e.g. model.vision.class_token_length={fits})")
 
 
 def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:

@@ -77,3 +77,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def all_reduce_coalesced(tensors, group, divide_by: int = 1) -> None:
+    """Sum ``tensors`` over ``group`` in place with one collective on a flat fp32 copy (gloo has no
+    AVG, so averaging is ``divide_by`` = group size)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -1,7 +1,6 @@
 """The training loop: build everything from the config, step, log, evaluate."""
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -9,7 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from megaclip import distributed
+from megaclip import distributed, precision
 from megaclip.config import ConfigError, micro_batch_size
 from megaclip.data import prepare
 from megaclip.data.loader import build_eval_loader, build_train_loader
@@ -18,7 +17,7 @@ from megaclip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, tr
 from megaclip.evaluate import evaluate_retrieval
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.optim import average_gradients, build_optimizer, clip_grad_norm, cosine_schedule
+from megaclip.optim import build_optimizer, cosine_schedule
 
 
 @dataclass
@@ -31,12 +30,6 @@ class TrainResult:
 def log(msg: str) -> None:
     if distributed.is_main():
         print(msg, flush=True)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_loaders(cfg, world_size: int):
@@ -67,13 +60,12 @@ def train(cfg, world_size: int) -> TrainResult:
     device = distributed.init(m.tensor_model_parallel_size, t.device)
     distributed.seed_everything(m.seed)
     train_loader, val_loader = build_loaders(cfg, world_size)
-    model = CLIPModel(m).to(device)
-    optimizer = build_optimizer(model, m.optim)
+    model = precision.prepare_model(CLIPModel(m), cfg).to(device)
+    optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
     loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())
-    autocast = autocast_for(t.precision, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M params per rank, tp={distributed.tp_size()} "
+    autocast = precision.autocast(cfg, device)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params per rank, tp={distributed.tp_size()} "
         f"dp={distributed.dp_size()}, global batch {m.global_batch_size}, device {device}")
 
     result, batches = TrainResult(), iter(train_loader)
@@ -84,8 +76,7 @@ def train(cfg, world_size: int) -> TrainResult:
         with autocast:
             loss = loss_fn(*model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
         loss.backward()
-        average_gradients(params, distributed.dp_group())
-        clip_grad_norm(params, m.optim.grad_clip, distributed.tp_group())
+        optimizer.finish_gradients(m.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megaclip import distributed
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.optim import average_gradients, build_optimizer, clip_grad_norm
+from megaclip.optim import average_gradients, build_optimizer
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
@@ -78,7 +78,7 @@ def one_training_step(global_batch):
     cfg = small_config(f"tp={distributed.tp_size()}", "model.optim.grad_clip=0.05")
     distributed.seed_everything(3)
     model = CLIPModel(cfg.model)
-    optimizer = build_optimizer(model, cfg.model.optim)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
     images, tokens = fixed_batch(cfg, global_batch)
     per_rank = global_batch // distributed.dp_size()
     rows = slice(distributed.dp_rank() * per_rank, (distributed.dp_rank() + 1) * per_rank)
@@ -86,9 +86,7 @@ def one_training_step(global_batch):
 
     loss = loss_fn(*model(images[rows], tokens[rows]))
     loss.backward()
-    params = list(model.parameters())
-    average_gradients(params, distributed.dp_group())
-    norm = clip_grad_norm(params, cfg.model.optim.grad_clip, distributed.tp_group())
+    norm = optimizer.finish_gradients(cfg.model.optim.grad_clip)
     grads = {name: grad for name, (_, grad) in full_tensors(model, cfg).items()}
     optimizer.step()
     with torch.no_grad():

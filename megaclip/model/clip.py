@@ -19,7 +19,7 @@ class CLIPModel(nn.Module):
     def __init__(self, cfg):
         """``cfg`` is the ``model`` section of the config."""
         super().__init__()
-        linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl)
+        linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl, cfg.sequence_parallel)
         self.visual = VisionTower(cfg.vision, cfg.output_dim, linears)
         self.text = TextTower(cfg.text, cfg.output_dim, linears)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -5,6 +5,10 @@ the tensor-parallel (TP) ranks, ``row`` splits input features and all-reduces th
 backs them (megatron-core's parallel linears, or a plain ``nn.Linear`` at TP=1, which we measured 7-9 %
 faster; with nn.Embedding for tokens, such a model needs no process group at all), parameters are named ``weight``/``bias`` with the same shapes, so checkpoints do not care.
 
+Sequence parallelism is done here too, with our own autograd functions rather than megatron-core's:
+its sequence-parallel communication allocates on CUDA and fails on CPU. Activations between the TP
+regions are split along the sequence (dim 1 of ``[batch, seq, hidden]``).
+
 Weights are always initialised full-size on CPU from the global RNG and then split, so the same seed
 gives the same global model at any TP size.
 """
@@ -15,10 +19,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
+
+from megaclip.distributed import all_reduce_coalesced
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,16 +35,30 @@ def normal_init(std: float) -> InitMethod:
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """Output features split across TP ranks; returns the local output with its bias added."""
+    """Output features split across TP ranks; returns the local output with its bias added.
+    Under sequence parallelism the input arrives split along the sequence and is all-gathered first."""
+
+    def __init__(self, *args, sequence_parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.megaclip_sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.megaclip_sequence_parallel:
+            return F.linear(gather_sequence(x, grad_is_partial=True), self.weight, self.bias)
         return super().forward(x)[0]
 
 
 class RowLinear(RowParallelLinear):
-    """Input features split across TP ranks; returns the full (all-reduced) output plus bias."""
+    """Input features split across TP ranks; returns the full (all-reduced) output plus bias.
+    Under sequence parallelism the sum is reduce-scattered along the sequence instead."""
+
+    def __init__(self, *args, sequence_parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.megaclip_sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.megaclip_sequence_parallel:
+            return reduce_scatter_sequence(F.linear(x, self.weight)) + self.bias
         return super().forward(x)[0]
 
 
@@ -58,11 +79,12 @@ class TorchLinear(nn.Linear):
 class Linears:
     """Factory for the column / row linears of one tower."""
 
-    def __init__(self, tensor_parallel_size: int, impl: str = "auto"):
+    def __init__(self, tensor_parallel_size: int, impl: str = "auto", sequence_parallel: bool = False):
         if impl == "auto":
             impl = "torch" if tensor_parallel_size == 1 else "megatron"
         self.impl = impl
         self.tp = tensor_parallel_size
+        self.sequence_parallel = sequence_parallel
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=tensor_parallel_size,
             use_cpu_initialization=True,
@@ -74,14 +96,15 @@ class Linears:
     def column(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True) -> nn.Module:
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
-        return ColumnLinear(in_features, out_features, config=self.config, init_method=init_method,
-                            bias=bias, gather_output=False, skip_bias_add=False)
+        return ColumnLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
+                            gather_output=False, skip_bias_add=False, sequence_parallel=self.sequence_parallel,
+                            disable_grad_reduce=self.sequence_parallel)
 
     def row(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True) -> nn.Module:
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
-        return RowLinear(in_features, out_features, config=self.config, init_method=init_method,
-                         bias=bias, input_is_parallel=True, skip_bias_add=False)
+        return RowLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
+                         input_is_parallel=True, skip_bias_add=False, sequence_parallel=self.sequence_parallel)
 
     def vocab_embedding(self, vocab_size: int, dim: int, std: float) -> nn.Module:
         """Token embedding split over the vocabulary, padded to a multiple of 128 x TP.
@@ -120,3 +143,85 @@ def gather_tensor_parallel(tensor: torch.Tensor, param: torch.Tensor) -> torch.T
     parts = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=param.partition_dim)
+
+
+def _tp():
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _all_gather_seq(x: torch.Tensor) -> torch.Tensor:
+    group, tp = _tp()
+    x = x.transpose(0, 1).contiguous()
+    out = x.new_empty((x.shape[0] * tp, *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
+    group, tp = _tp()
+    x = x.transpose(0, 1).contiguous()
+    out = x.new_empty((x.shape[0] // tp, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    return out.transpose(0, 1)
+
+
+def _split_seq(x: torch.Tensor) -> torch.Tensor:
+    return x.chunk(_tp()[1], dim=1)[parallel_state.get_tensor_model_parallel_rank()].contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grad_is_partial):
+        ctx.grad_is_partial = grad_is_partial
+        return _all_gather_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_reduce_scatter_seq(grad) if ctx.grad_is_partial else _split_seq(grad)), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad)
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad)
+
+
+def gather_sequence(x: torch.Tensor, grad_is_partial: bool) -> torch.Tensor:
+    """All-gather the sequence. ``grad_is_partial``: each TP rank's gradient is a partial sum (the
+    input of a column linear), so backward reduce-scatters; otherwise it is whole and is split."""
+    return _GatherSequence.apply(x, grad_is_partial)
+
+
+def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(x)
+
+
+def scatter_sequence(x: torch.Tensor) -> torch.Tensor:
+    return _ScatterSequence.apply(x)
+
+
+def mark_sequence_parallel(*modules_or_params) -> None:
+    """Replicated parameters applied to a sequence shard see only part of the batch: their gradients
+    must be summed over TP (``allreduce_sequence_parallel_grads``)."""
+    for item in modules_or_params:
+        for p in (item.parameters() if isinstance(item, nn.Module) else [item]):
+            p.sequence_parallel = True
+
+
+def allreduce_sequence_parallel_grads(params, tp_group) -> None:
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        all_reduce_coalesced([p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaclip.model.parallel import Linears, normal_init
+from torch.utils.checkpoint import checkpoint
+
+from megaclip.model.parallel import Linears, gather_sequence, mark_sequence_parallel, normal_init, scatter_sequence
 
 
 class QuickGELU(nn.Module):
@@ -36,8 +38,9 @@ class Attention(nn.Module):
         self.proj = linears.row(width, width, normal_init(std * (2 * num_layers) ** -0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        qkv = self.qkv(x)  # full sequence even under sequence parallelism (the column linear gathers it)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, heads, s, head_dim]
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
@@ -64,6 +67,8 @@ class TransformerLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(w, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(w, cfg.ffn_hidden_size, cfg.num_layers, cfg.activation, linears)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        if linears.sequence_parallel:
+            mark_sequence_parallel(self.ln_1, self.ln_2, self.attn.proj.bias, self.mlp.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln_1(x)))
@@ -71,14 +76,42 @@ class TransformerLayer(nn.Module):
 
 
 class ParallelTransformer(nn.Module):
-    """A stack of pre-LN layers; ``cfg`` is a tower config (num_layers, hidden_size, heads, ffn, ...)."""
+    """A stack of pre-LN layers; ``cfg`` is a tower config (num_layers, hidden_size, heads, ffn,
+    activation checkpointing settings)."""
 
     def __init__(self, cfg, causal: bool, linears: Linears):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg, causal, linears) for _ in range(cfg.num_layers))
+        self.causal = causal
+        self.sequence_parallel = linears.sequence_parallel
+        self.tp = linears.tp
+        self.checkpoint_method = cfg.activations_checkpoint_method if cfg.activations_checkpoint_granularity else None
+        self.checkpoint_layers = cfg.activations_checkpoint_num_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        if not self.sequence_parallel:
+            return self._layers(x)
+        length = x.shape[1]
+        # Padding at the end is invisible to earlier positions under causal attention; a bidirectional
+        # tower's length must divide by TP as it is (checked by the config).
+        pad = (-length) % self.tp if self.causal else 0
+        x = scatter_sequence(F.pad(x, (0, 0, 0, pad)))
+        return gather_sequence(self._layers(x), grad_is_partial=False)[:, :length]
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        """Megatron's full checkpointing: ``uniform`` recomputes every chunk of k layers from its input,
+        ``block`` recomputes the first k layers one by one and keeps the rest."""
+        k = self.checkpoint_layers
+        if self.checkpoint_method == "uniform":
+            for start in range(0, len(self.layers), k):
+                x = checkpoint(_run_chunk, self.layers[start:start + k], x, use_reentrant=False)
+            return x
+        for i, layer in enumerate(self.layers):
+            x = checkpoint(layer, x, use_reentrant=False) if self.checkpoint_method == "block" and i < k else layer(x)
         return x
 
+
+def _run_chunk(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x

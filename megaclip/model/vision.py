@@ -26,7 +26,7 @@ class VisionTower(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # [b, patches, width]
+        x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [b, patches, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.ln_post(self.transformer(self.ln_pre(x)))

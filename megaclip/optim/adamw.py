@@ -1,15 +1,15 @@
-"""Optimizer, learning-rate schedule, and the gradient plumbing around them: averaging gradients over
-the data-parallel group and clipping their norm over tensor- and data-parallel ranks."""
+"""Plain AdamW and the gradient plumbing around it: weight-decay groups, averaging gradients over the
+data-parallel group, and clipping their norm over tensor-parallel ranks."""
 from __future__ import annotations
 
-import math
 from typing import Iterable, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaclip.model.parallel import is_tensor_parallel
+from megaclip.distributed import all_reduce_coalesced
+from megaclip.model.parallel import allreduce_sequence_parallel_grads, is_tensor_parallel
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -25,41 +25,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    # torch's fused AdamW kernel runs on CUDA and CPU alike; it is the fastest path on both.
-    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (fused kernel) on the model's own fp32 parameters, with the DP gradient average
+    and TP-aware clipping in front: the plain ``fused_adam`` path."""
 
+    def __init__(self, model: nn.Module, optim_cfg, dp_group, tp_group):
+        self.dp_group, self.tp_group = dp_group, tp_group
+        super().__init__(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
+                         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
-    warmup, floor = optim_cfg.sched.warmup_steps, optim_cfg.sched.min_lr / optim_cfg.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
+    def finish_gradients(self, max_norm: float) -> torch.Tensor:
+        params = [p for group in self.param_groups for p in group["params"]]
+        allreduce_sequence_parallel_grads(params, self.tp_group)
+        average_gradients(params, self.dp_group)
+        return clip_grad_norm(params, max_norm, self.tp_group)
 
 
 def average_gradients(params: Iterable[torch.Tensor], group) -> None:
-    """Average gradients over the DP group with one all-reduce of a flat fp32 buffer."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    gs = grads(params)
-    flat = torch.cat([g.reshape(-1).float() for g in gs])
-    dist.all_reduce(flat, group=group)  # gloo has no AVG, so sum and divide
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in gs:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    """Average gradients over the DP group with one all-reduce."""
+    if group is not None and dist.get_world_size(group) > 1:
+        all_reduce_coalesced([p.grad for p in params if p.grad is not None], group, divide_by=dist.get_world_size(group))
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group) -> torch.Tensor:
