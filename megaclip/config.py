@@ -130,8 +130,16 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at the end of the run
+    save_top_k: int = 2  # complete checkpoints kept (the newest)
+
+
+@dataclass
 class ExpManagerConfig:
     exp_dir: str = "runs/clip"
+    resume_if_exists: bool = True  # continue from exp_dir/checkpoints/latest
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass

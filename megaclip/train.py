@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 
 from megaclip import distributed, precision
+from megaclip.checkpoint import CheckpointError
+from megaclip.checkpoint import training as checkpointing
 from megaclip.config import ConfigError, micro_batch_size
 from megaclip.data import prepare
 from megaclip.data.loader import build_eval_loader, build_train_loader
@@ -68,10 +71,23 @@ def train(cfg, world_size: int) -> TrainResult:
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params per rank, tp={distributed.tp_size()} "
         f"dp={distributed.dp_size()}, global batch {m.global_batch_size}, device {device}")
 
+    checkpoints = Path(cfg.exp_manager.exp_dir) / "checkpoints"
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, loader=train_loader)
+    resumed = checkpointing.resume(checkpoints, cfg=cfg, **state) if cfg.exp_manager.resume_if_exists else None
+    first_step = resumed["step"] + 1 if resumed else 1
+    if resumed:
+        log(f"resumed from {checkpoints / checkpointing.step_dir_name(resumed['step'])}")
+
     result, batches = TrainResult(), iter(train_loader)
+
+    def evaluate(step: int) -> Dict[str, float]:
+        metrics = result.evals[step] = evaluate_retrieval(model, val_loader(), device, autocast, distributed.dp_group())
+        log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
     started = window_start = time.time()
-    window_first_step = 1
-    for step in range(1, t.max_steps + 1):
+    window_first_step = first_step
+    for step in range(first_step, t.max_steps + 1):
         images, tokens = next(batches)
         with autocast:
             loss = loss_fn(*model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
@@ -91,13 +107,16 @@ def train(cfg, world_size: int) -> TrainResult:
             log(f"step {step}/{t.max_steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.3e} "
                 f"samples/s {rate:.1f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             window_start, window_first_step = now, step + 1
-        if step % t.val_check_interval == 0 or step == t.max_steps:
-            metrics = evaluate_retrieval(model, val_loader(), device, autocast, distributed.dp_group())
-            result.evals[step] = metrics
-            log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if step % t.val_check_interval == 0 and step != t.max_steps:
+            evaluate(step)
+        every = cfg.exp_manager.checkpoint.every_n_steps
+        if (every and step % every == 0) or step == t.max_steps:
+            checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
+                               keep=cfg.exp_manager.checkpoint.save_top_k, **state)
 
-    final = result.evals[result.step]
-    log(f"final: step={result.step} loss={result.losses[-1]:.4f} i2t_R@1={final['i2t_R@1']:.4f} "
+    result.step = max(result.step, first_step - 1)
+    final = evaluate(result.step)
+    log(f"final: step={result.step} loss={result.losses[-1] if result.losses else float('nan'):.4f} i2t_R@1={final['i2t_R@1']:.4f} "
         f"t2i_R@1={final['t2i_R@1']:.4f} chance_R@1={final['chance_R@1']:.4f}")
     return result
 
@@ -105,7 +124,7 @@ def train(cfg, world_size: int) -> TrainResult:
 def main(cfg, world_size: int) -> int:
     try:
         train(cfg, world_size)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"megaclip: error: {e}", file=sys.stderr)
         return 2
     finally:

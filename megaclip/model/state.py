@@ -62,10 +62,14 @@ def full_state_dict(model: nn.Module, vocab_size: int) -> State:
     return full
 
 
-@torch.no_grad()
 def load_full_state_dict(model: nn.Module, full: State, tp: int, rank: int) -> None:
     """Copy this rank's shard of ``full`` into ``model``; names and shapes must match exactly."""
-    shard = shard_state(full, tp, rank)
+    load_local_state(model, shard_state(full, tp, rank))
+
+
+@torch.no_grad()
+def load_local_state(model: nn.Module, shard: State) -> None:
+    """Copy a rank's own parameter shard into ``model`` (ValueError naming the first mismatch)."""
     params = dict(model.named_parameters())
     if shard.keys() != params.keys():
         missing, unexpected = sorted(params.keys() - shard.keys()), sorted(shard.keys() - params.keys())

@@ -34,11 +34,30 @@ class AdamW(torch.optim.AdamW):
         super().__init__(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
                          betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
 
+    state_is_sharded = False  # every DP rank holds the same state
+
     def finish_gradients(self, max_norm: float) -> torch.Tensor:
         params = [p for group in self.param_groups for p in group["params"]]
         allreduce_sequence_parallel_grads(params, self.tp_group)
         average_gradients(params, self.dp_group)
         return clip_grad_norm(params, max_norm, self.tp_group)
+
+    def state_slices(self, model: nn.Module) -> dict:
+        """The state by parameter name, each entry the element range it covers (here: all of it)."""
+        out = {}
+        for name, p in model.named_parameters():
+            st = self.state.get(p)
+            if st:
+                out[name] = {"range": (0, p.numel()), "shape": tuple(p.shape), **{k: st[k].reshape(-1).clone() for k in MOMENTS}}
+        return out
+
+    @torch.no_grad()
+    def load_state_slices(self, model: nn.Module, lookup, step: int) -> None:
+        """Set every parameter's moments from ``lookup(name) -> {key: flattened TP-local tensor}``."""
+        for name, p in model.named_parameters():
+            st = self.state[p] = new_adam_state(p, step)
+            for k in MOMENTS:
+                st[k].copy_(lookup(name)[k].view_as(p))
 
 
 def average_gradients(params: Iterable[torch.Tensor], group) -> None:
@@ -65,3 +84,16 @@ def _squared_sum(tensors: List[torch.Tensor], device: torch.device) -> torch.Ten
     if not tensors:
         return torch.zeros((), device=device)
     return torch.stack([t.float().pow(2).sum() for t in tensors]).sum()
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_step_count(optimizer: torch.optim.Optimizer) -> int:
+    return next((int(st["step"]) for st in optimizer.state.values() if "step" in st), 0)
+
+
+def new_adam_state(like: torch.Tensor, step: int) -> dict:
+    # fused AdamW keeps its step as a float32 tensor on the parameter's device
+    return {"step": torch.tensor(float(step), dtype=torch.float32, device=like.device),
+            "exp_avg": torch.zeros_like(like, dtype=torch.float32), "exp_avg_sq": torch.zeros_like(like, dtype=torch.float32)}

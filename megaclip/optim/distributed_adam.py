@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaclip.model.parallel import allreduce_sequence_parallel_grads, is_tensor_parallel
-from megaclip.optim.adamw import no_weight_decay
+from megaclip.optim.adamw import MOMENTS, new_adam_state, no_weight_decay
 
 
 @dataclass
@@ -52,6 +52,7 @@ class DistributedFusedAdam(torch.optim.AdamW):
         self.dp = dp
         self.num_shards, self.shard_index = (dp, dist.get_rank(dp_group)) if shard and dp > 1 else (1, 0)
         self.buckets = self._build_buckets(model)
+        self.state_is_sharded = self.num_shards > 1
         groups = [{"params": [b.master], "weight_decay": optim_cfg.weight_decay if b.weight_decay else 0.0}
                   for b in self.buckets]
         super().__init__(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
@@ -124,3 +125,32 @@ class DistributedFusedAdam(torch.optim.AdamW):
         for b in self.buckets:
             b.grad.zero_()
             b.master.grad = None
+
+    def state_slices(self, model: nn.Module = None) -> dict:
+        """This rank's fp32 master weights and moments by parameter name, each entry the element range
+        of the (flattened, TP-local) parameter that the shard covers."""
+        out = {}
+        for b in self.buckets:
+            st = self.state.get(b.master, {})
+            for name, p, start, end in b.ranges():
+                lo, hi = max(start, b.shard.start), min(end, b.shard.stop)
+                if lo < hi:
+                    part = slice(lo - b.shard.start, hi - b.shard.start)
+                    out[name] = {"range": (lo - start, hi - start), "shape": tuple(p.shape),
+                                 "master": b.master.detach()[part].clone(), **{k: st[k][part].clone() for k in MOMENTS if k in st}}
+        return out
+
+    @torch.no_grad()
+    def load_state_slices(self, model: nn.Module, lookup, step: int) -> None:
+        """Fill this rank's shard from ``lookup(name) -> {key: flattened TP-local tensor}``; a state
+        without master weights (saved by plain AdamW) takes them from the parameters."""
+        for b in self.buckets:
+            st = self.state[b.master] = new_adam_state(b.master, step)
+            for name, p, start, end in b.ranges():
+                lo, hi = max(start, b.shard.start), min(end, b.shard.stop)
+                if lo >= hi:
+                    continue
+                found, part, src = lookup(name), slice(lo - b.shard.start, hi - b.shard.start), slice(lo - start, hi - start)
+                b.master[part] = found["master"][src] if "master" in found else p.detach().reshape(-1)[src].float()
+                for k in MOMENTS:
+                    st[k][part] = found[k][src]

@@ -1,26 +1,16 @@
-"""Checkpoints on disk: one directory per step, written under a temporary name and renamed when
-complete, with a ``latest`` pointer updated last.
-
-    step_000100/
-      meta.json            step, consumed samples, the TP/DP layout it was saved at
-      config.yaml          the resolved config
-      model/tp_00.pt ...   each TP rank's parameter shard (see megaclip.model.state)
-
-Model shards are keyed by TP rank only, so a checkpoint loads at any TP size by unsharding to the
-full state and sharding again.
-"""
+"""Checkpoint directories: written under a temporary name and renamed when complete, a ``latest``
+pointer updated last, every file written whole or not at all, and one-line errors for bad ones."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megaclip.model.state import State, shard_state, unshard_state
 
 FORMAT = 1
 LATEST = "latest"
@@ -84,7 +74,7 @@ def commit(directory: Path) -> None:
     os.replace(tmp, pointer)
 
 
-def latest(checkpoint_root: Path):
+def latest(checkpoint_root: Path) -> Optional[Path]:
     """The newest complete checkpoint directory under ``checkpoint_root``, or None."""
     pointer = Path(checkpoint_root) / LATEST
     if not pointer.is_file():
@@ -93,8 +83,6 @@ def latest(checkpoint_root: Path):
     return path if path.is_dir() else None
 
 
-def model_shard_path(directory: Path, tp_rank: int) -> Path:
-    return Path(directory) / "model" / f"tp_{tp_rank:02d}.pt"
 
 
 def resolve(path) -> Path:
@@ -106,27 +94,3 @@ def resolve(path) -> Path:
     if found is None:
         raise CheckpointError(f"no checkpoint at {path} (no meta.json and no '{LATEST}' pointer)")
     return found
-
-
-def write_model_checkpoint(root, full: State, cfg: DictConfig, tp: int, meta: Dict = None) -> Path:
-    """Write a model-only checkpoint at TP size ``tp`` from a full state (used by the converters)
-    as ``root/step_0000000`` with ``root/latest`` pointing at it."""
-    final = Path(root) / step_dir_name((meta or {}).get("step", 0))
-    staging = temporary(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    for rank in range(tp):
-        save_torch(shard_state(full, tp, rank), model_shard_path(staging, rank))
-    cfg = OmegaConf.merge(cfg, {"model": {"tensor_model_parallel_size": tp}})
-    write_meta(staging, cfg, {"step": 0, "consumed_samples": 0, "tensor_model_parallel_size": tp,
-                              "data_parallel_size": 1, **(meta or {})})
-    commit(final)
-    return final
-
-
-def read_full_model_state(path) -> Tuple[State, DictConfig]:
-    """The full model state and the config of a checkpoint (step dir or root) saved at any TP size."""
-    directory = resolve(path)
-    meta, cfg = read_meta(directory)
-    tp = meta["tensor_model_parallel_size"]
-    shards = [load_torch(model_shard_path(directory, rank)) for rank in range(tp)]
-    return unshard_state(shards, cfg.model.text.vocab_size), cfg
