@@ -1,5 +1,5 @@
 """Save and resume a training run: model shards, optimizer state, LR schedule, RNG states, data
-position. Every rank takes part; rank 0 renames the finished directory into place last, so a crash at
+position (the LR schedule is a function of the step). Every rank takes part; rank 0 renames the finished directory into place last, so a crash at
 any moment leaves the previous checkpoint and ``latest`` as they were.
 
 Resuming at the layout it was saved at restores everything exactly. At another TP or DP size the
@@ -62,8 +62,8 @@ def save(root: Path, step: int, *, model, optimizer, scheduler, loader, cfg, con
     if optimizer.state_is_sharded or dp_rank == 0:
         save_torch({"step": adam_step_count(optimizer), "slices": optimizer.state_slices(model)},
                    optim_path(staging, tp_rank, dp_rank))
-    save_torch({"rng": rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
-                "scheduler": scheduler.state_dict()}, train_state_path(staging, rank))
+    save_torch({"rng": rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
+               train_state_path(staging, rank))
     dist.barrier()
     if rank == 0:
         write_meta(staging, cfg, {"step": step, "consumed_samples": consumed_samples,
@@ -95,10 +95,12 @@ def resume(root: Path, *, model, optimizer, scheduler, loader, cfg) -> Optional[
     load_model_shards(model, directory, meta, saved_cfg, tp, tp_rank)
     optim = _optimizer_state_lookup(directory, meta, saved_cfg, same_layout, tp, tp_rank, dp_rank)
     optimizer.load_state_slices(model, optim["lookup"], optim["step"])
-    # The schedule depends on the step only; RNG and data position only mean something at the same layout.
-    train_state = load_torch(train_state_path(directory, dist.get_rank() if same_layout else 0))
-    scheduler.load_state_dict(train_state["scheduler"])
+    # The LR schedule is a function of the step alone (and so survives a change of optimizer): set it
+    # to the step. RNG states and the data position only mean something at the same layout.
+    scheduler.last_epoch = meta["step"] - 1
+    scheduler.step()
     if same_layout:
+        train_state = load_torch(train_state_path(directory, dist.get_rank()))
         set_rng_state(train_state["rng"])
         if train_state["loader"] is not None:
             loader.load_state_dict(train_state["loader"])
