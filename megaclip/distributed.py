@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+# torch 2.13 renamed the flat-tensor collectives (the old names now warn); older torch has only those.
+all_gather_into_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 def init(tensor_parallel_size: int, device: str = "auto") -> torch.device:
     """Start the default process group from torchrun's env and build megatron-core's groups."""

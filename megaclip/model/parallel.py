@@ -25,7 +25,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 
-from megaclip.distributed import all_reduce_coalesced
+from megaclip.distributed import all_gather_into_tensor, all_reduce_coalesced, reduce_scatter_tensor
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -153,7 +153,7 @@ def _all_gather_seq(x: torch.Tensor) -> torch.Tensor:
     group, tp = _tp()
     x = x.transpose(0, 1).contiguous()
     out = x.new_empty((x.shape[0] * tp, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_into_tensor(out, x, group=group)
     return out.transpose(0, 1)
 
 
@@ -161,7 +161,7 @@ def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
     group, tp = _tp()
     x = x.transpose(0, 1).contiguous()
     out = x.new_empty((x.shape[0] // tp, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
     return out.transpose(0, 1)
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaclip.distributed import all_gather_into_tensor, reduce_scatter_tensor
+
 from megaclip.model.parallel import allreduce_sequence_parallel_grads, is_tensor_parallel
 from megaclip.optim.adamw import MOMENTS, new_adam_state, no_weight_decay
 
@@ -90,7 +92,7 @@ class DistributedFusedAdam(torch.optim.AdamW):
             full = b.grad.float()
             if self.num_shards > 1:
                 reduced = torch.empty(b.shard.stop - b.shard.start, device=full.device)
-                dist.reduce_scatter_tensor(reduced, full, op=dist.ReduceOp.SUM, group=self.dp_group)
+                reduce_scatter_tensor(reduced, full, op=dist.ReduceOp.SUM, group=self.dp_group)
             else:
                 reduced = full  # may alias the gradient buffer: it is zeroed before the next backward
                 if self.dp > 1:
@@ -118,7 +120,7 @@ class DistributedFusedAdam(torch.optim.AdamW):
         for b in self.buckets:
             b.data[b.shard].copy_(b.master)
             if self.num_shards > 1:
-                dist.all_gather_into_tensor(b.data, b.data[b.shard].clone(), group=self.dp_group)
+                all_gather_into_tensor(b.data, b.data[b.shard].clone(), group=self.dp_group)
 
     def zero_grad(self, set_to_none: bool = True):
         """Zero the gradient buffers in place: the parameters' .grad must stay views into them."""
