@@ -27,7 +27,8 @@ SETTINGS = {  # name -> config overrides
     "checkpointing uniform k=1": [f"model.{t}.{k}={v}" for t in ("vision", "text") for k, v in (
         ("activations_checkpoint_granularity", "full"), ("activations_checkpoint_method", "uniform"),
         ("activations_checkpoint_num_layers", 1))],
-    "sequence parallel": ["model.sequence_parallel=true"],
+    # the vision sequence (class tokens + patches) must divide by tp: 2 + 16 for clip_tiny
+    "sequence parallel": ["model.sequence_parallel=true", "model.vision.class_token_length=2"],
 }
 
 
@@ -35,13 +36,14 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
     import torch
 
     from megaclip import distributed, precision
-    from megaclip.config import load_config, micro_batch_size, world_size_from_env
+    from megaclip.config import load_config, micro_batch_size, validate, world_size_from_env
     from megaclip.losses import ClipLoss
     from megaclip.model import CLIPModel
     from megaclip.optim import build_optimizer
 
     cfg = load_config(config_name, overrides)
     world = world_size_from_env()
+    validate(cfg, world)
     device = distributed.init(cfg.model.tensor_model_parallel_size, cfg.trainer.device)
     distributed.seed_everything(cfg.model.seed)
     model = precision.prepare_model(CLIPModel(cfg.model), cfg).to(device)

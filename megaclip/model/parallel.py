@@ -45,7 +45,7 @@ class ColumnLinear(ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.megaclip_sequence_parallel:
             return F.linear(gather_sequence(x, grad_is_partial=True), self.weight, self.bias)
-        return super().forward(x)[0]
+        return megatron_forward(super().forward, x)
 
 
 class RowLinear(RowParallelLinear):
@@ -59,7 +59,16 @@ class RowLinear(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.megaclip_sequence_parallel:
             return reduce_scatter_sequence(F.linear(x, self.weight)) + self.bias
-        return super().forward(x)[0]
+        return megatron_forward(super().forward, x)
+
+
+def megatron_forward(forward, x: torch.Tensor) -> torch.Tensor:
+    """megatron-core declares its linears' autocast behaviour for CUDA only, so under CPU autocast
+    their backward meets bf16 gradients and fp32 weights: on CPU they run in fp32 instead."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.float())[0]
+    return forward(x)[0]
 
 
 class TorchLinear(nn.Linear):
