@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -93,12 +94,31 @@ class OptimConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    synthetic: Optional[str] = "colour"  # colour | shape | null: zero-shot classes on the synthetic val split
+    folder: Optional[str] = None  # image folder, one subfolder per class (sorted order = class index)
+    shards: Any = None  # webdataset split whose samples carry a class label in label_key
+    label_key: str = "cls"
+    classes: Optional[str] = None  # class names file: one per line, or index<TAB>name
+    templates: Optional[str] = None  # null: OpenAI's ImageNet templates shipped with megaclip
+
+
+@dataclass
 class DataConfig:
     synthetic_dir: Optional[str] = "data/synthetic"  # generated on first use when absent
-    train_shards: Optional[str] = None  # brace pattern; None: the synthetic train split
-    val_shards: Optional[str] = None
+    # a brace pattern, a directory of .tar files, a list of those, or a list of {shards, weight} sources
+    # (weights need resampled); None: the synthetic split
+    train_shards: Any = None
+    val_shards: Any = None
+    resampled: bool = False  # draw shards with replacement per (seed, dp rank, worker, epoch) instead of epochs
+    shuffle_buffer: int = 1000  # samples
+    shuffle_window: int = 4  # shards per shuffle window; a resume re-reads at most one window per worker
     num_workers: int = 0
-    shuffle_buffer: int = 1000
+    prefetch_factor: int = 2
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    caption_key: str = "txt"  # txt (a caption per line) | json:FIELD (a string or a list of strings)
+    eval_batch_size: int = 256
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     synthetic_train_samples: int = 16384
 
 
@@ -160,7 +180,7 @@ def load_config(config_name: str = DEFAULT_CONFIG, overrides: List[str] = ()) ->
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(dotlist))
         OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(_one_line(e)) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -289,7 +309,7 @@ def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
 
 
 def _validate_data(m: Any) -> None:
-    from megaclip.data.loader import expand_shards, missing_shards
+    from megaclip.data.shards import expand_shards, missing_shards
 
     d = m.data
     for key in ("train_shards", "val_shards"):

@@ -1,25 +1,26 @@
-"""The training loop: build everything from the config, step, log, evaluate."""
+"""The training loop: build everything from the config, step, log, evaluate, checkpoint."""
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megaclip import distributed, precision
+from megaclip import distributed, precision, zeroshot
 from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint import training as checkpointing
 from megaclip.config import ConfigError, micro_batch_size
 from megaclip.data import prepare
-from megaclip.data.loader import build_eval_loader, build_train_loader
+from megaclip.data.eval_loader import build_eval_loader
+from megaclip.data.loader import build_train_loader, skipped_across_ranks
 from megaclip.data.tokenizer import build_tokenizer
-from megaclip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform
+from megaclip.data.transforms import transforms_from_config
 from megaclip.evaluate import evaluate_retrieval
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
+from megaclip.monitor import TrainingMonitor
 from megaclip.optim import build_optimizer, cosine_schedule
 
 
@@ -30,63 +31,86 @@ class TrainResult:
     evals: Dict[int, Dict[str, float]] = field(default_factory=dict)
 
 
-def log(msg: str) -> None:
-    if distributed.is_main():
-        print(msg, flush=True)
+@dataclass
+class Data:
+    train: object  # megaclip.data.loader.TrainLoader
+    val: Callable  # a fresh pass over the held-out split
+    tokenizer: object
+    eval_transform: Callable
+    synthetic_zeroshot: Optional[zeroshot.CaptionTask]
 
 
-def build_loaders(cfg, world_size: int):
+def build_data(cfg, world_size: int) -> Data:
     m = cfg.model
     prepare.ensure_synthetic(m)
     sources = prepare.resolve(m)
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     if tokenizer.vocab_size > m.text.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is {m.text.vocab_size}")
-    v = m.vision
-    mean, std = v.image_mean or OPENAI_MEAN, v.image_std or OPENAI_STD
-    image_size = v.img_h  # square, checked by the config
+    train_tf, eval_tf = transforms_from_config(m.vision)
     dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
-    train = build_train_loader(
-        sources.train_shards, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size(cfg, world_size),
-        image_transform=train_transform(image_size, mean, std), tokenizer=tokenizer,
-        num_workers=m.data.num_workers, seed=m.seed, shuffle_buffer=m.data.shuffle_buffer)
+    train = build_train_loader(sources.train_shards, m.data, dp_rank=dp_rank, dp_size=dp_size,
+                               micro_batch_size=micro_batch_size(cfg, world_size), image_transform=train_tf,
+                               tokenizer=tokenizer, seed=m.seed)
 
-    def val():  # a fresh pass over the held-out split each time
-        return build_eval_loader(sources.val_shards, dp_rank=dp_rank, dp_size=dp_size, batch_size=256,
-                                 image_transform=eval_transform(image_size, mean, std), tokenizer=tokenizer)
+    def val():
+        return build_eval_loader(sources.val_shards, m.data, dp_rank=dp_rank, dp_size=dp_size,
+                                 batch_size=m.data.eval_batch_size, image_transform=eval_tf, tokenizer=tokenizer)
 
-    return train, val
+    uses_synthetic_val = m.data.val_shards is None and m.data.zeroshot.synthetic
+    task = zeroshot.synthetic_task(m.data.zeroshot.synthetic) if uses_synthetic_val else None
+    return Data(train, val, tokenizer, eval_tf, task)
+
+
+def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
+    """Retrieval on the val split, and zero-shot classification where configured; every DP rank
+    evaluates its share."""
+    dp_group, z = distributed.dp_group(), cfg.model.data.zeroshot
+    metrics = evaluate_retrieval(model, data.val(), device, autocast, dp_group)
+    tasks = []
+    if data.synthetic_zeroshot:
+        task = data.synthetic_zeroshot
+        tasks.append((f"synthetic_{z.synthetic}", task.classnames, task.templates, task.batches(data.val())))
+    if z.folder or z.shards:
+        classes, templates = zeroshot.read_class_names(z.classes), zeroshot.read_templates(z.templates or zeroshot.OPENAI_TEMPLATES)
+        dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
+        batches = (zeroshot.image_folder_batches(z.folder, data.eval_transform, batch_size=cfg.model.data.eval_batch_size,
+                                                 dp_rank=dp_rank, dp_size=dp_size) if z.folder else
+                   ((b.images, b.labels) for b in build_eval_loader(
+                       z.shards, cfg.model.data, dp_rank=dp_rank, dp_size=dp_size, batch_size=cfg.model.data.eval_batch_size,
+                       image_transform=data.eval_transform, tokenizer=data.tokenizer, label_key=z.label_key)))
+        tasks.append(("classes", classes, templates, batches))
+    for name, classes, templates, batches in tasks:
+        classifier = zeroshot.zeroshot_classifier(model, classes, templates, data.tokenizer, device, autocast, dp_group)
+        results = zeroshot.evaluate_zeroshot(model, classifier, batches, device, autocast, dp_group)
+        metrics.update({f"zeroshot_{name}_{k}": v for k, v in results.items() if k != "images"})
+    return metrics
 
 
 def train(cfg, world_size: int) -> TrainResult:
     m, t = cfg.model, cfg.trainer
     device = distributed.init(m.tensor_model_parallel_size, t.device)
     distributed.seed_everything(m.seed)
-    train_loader, val_loader = build_loaders(cfg, world_size)
+    data = build_data(cfg, world_size)
     model = precision.prepare_model(CLIPModel(m), cfg).to(device)
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
     loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())
     autocast = precision.autocast(cfg, device)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params per rank, tp={distributed.tp_size()} "
-        f"dp={distributed.dp_size()}, global batch {m.global_batch_size}, device {device}")
 
     checkpoints = Path(cfg.exp_manager.exp_dir) / "checkpoints"
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, loader=train_loader)
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, loader=data.train)
     resumed = checkpointing.resume(checkpoints, cfg=cfg, **state) if cfg.exp_manager.resume_if_exists else None
     first_step = resumed["step"] + 1 if resumed else 1
+    monitor = TrainingMonitor(cfg, exp_dir=cfg.exp_manager.exp_dir, max_steps=t.max_steps,
+                              global_batch_size=m.global_batch_size, devices=world_size,
+                              log_every=t.log_every_n_steps, start_step=first_step - 1)
+    monitor.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params per rank, "
+                  f"tp={distributed.tp_size()} dp={distributed.dp_size()}, global batch {m.global_batch_size}, device {device}")
     if resumed:
-        log(f"resumed from {checkpoints / checkpointing.step_dir_name(resumed['step'])}")
+        monitor.print(f"resumed from {checkpoints / checkpointing.step_dir_name(resumed['step'])}")
 
-    result, batches = TrainResult(), iter(train_loader)
-
-    def evaluate(step: int) -> Dict[str, float]:
-        metrics = result.evals[step] = evaluate_retrieval(model, val_loader(), device, autocast, distributed.dp_group())
-        log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    started = window_start = time.time()
-    window_first_step = first_step
+    result, batches = TrainResult(), monitor.timed(iter(data.train))
     for step in range(first_step, t.max_steps + 1):
         images, tokens = next(batches)
         with autocast:
@@ -99,25 +123,24 @@ def train(cfg, world_size: int) -> TrainResult:
         model.clamp_logit_scale()
         result.step = step
         result.losses.append(loss.item())
-
-        if step % t.log_every_n_steps == 0 or step == t.max_steps:
-            now = time.time()
-            rate = (step - window_first_step + 1) * m.global_batch_size / (now - window_start)
-            eta = (now - started) / step * (t.max_steps - step)
-            log(f"step {step}/{t.max_steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.3e} "
-                f"samples/s {rate:.1f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-            window_start, window_first_step = now, step + 1
+        monitor.step(step, loss=result.losses[-1], lr=scheduler.get_last_lr()[0],
+                     skipped=lambda: skipped_across_ranks(data.train, device, distributed.dp_group()))
         if step % t.val_check_interval == 0 and step != t.max_steps:
-            evaluate(step)
+            result.evals[step] = evaluate(model, data, cfg, device, autocast)
+            monitor.evaluation(step, result.evals[step])
         every = cfg.exp_manager.checkpoint.every_n_steps
         if (every and step % every == 0) or step == t.max_steps:
             checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
                                keep=cfg.exp_manager.checkpoint.save_top_k, **state)
 
     result.step = max(result.step, first_step - 1)
-    final = evaluate(result.step)
-    log(f"final: step={result.step} loss={result.losses[-1] if result.losses else float('nan'):.4f} i2t_R@1={final['i2t_R@1']:.4f} "
-        f"t2i_R@1={final['t2i_R@1']:.4f} chance_R@1={final['chance_R@1']:.4f}")
+    final = result.evals[result.step] = evaluate(model, data, cfg, device, autocast)
+    monitor.evaluation(result.step, final)
+    skipped = skipped_across_ranks(data.train, device, distributed.dp_group())
+    monitor.print(f"skipped input: {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'})")
+    monitor.close()
+    monitor.print(f"final: step={result.step} loss={result.losses[-1] if result.losses else float('nan'):.4f} "
+                  f"i2t_R@1={final['i2t_R@1']:.4f} t2i_R@1={final['t2i_R@1']:.4f} chance_R@1={final['chance_R@1']:.4f}")
     return result
 
 

@@ -13,10 +13,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from megaclip.data.loader import build_eval_loader, build_train_loader, expand_shards, missing_shards
+from megaclip.data.eval_loader import build_eval_loader
+from megaclip.data.loader import build_train_loader
+from megaclip.data.shards import expand_shards, missing_shards
 from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES, tokenizer_path, write_synthetic_shards
 from megaclip.data.tokenizer import SentencePieceTokenizer, build_tokenizer
-from megaclip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform
+from megaclip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform, transforms_from_config
+from tests.data_helpers import data_config
+from tests.helpers import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_SAMPLES = len(COLOURS) * len(SHAPES) * len(POSITIONS)
@@ -42,10 +46,15 @@ def image_hash(image: torch.Tensor) -> str:
     return hashlib.sha1(image.numpy().tobytes()).hexdigest()
 
 
-def train_loader(synthetic, tokenizer, **kw):
+def train_loader(synthetic, tokenizer, num_workers=0, **kw):
     kw = {"dp_rank": 0, "dp_size": 1, "micro_batch_size": 16, "image_transform": train_transform(32),
-          "tokenizer": tokenizer, "shuffle_buffer": 64, **kw}
-    return build_train_loader(synthetic.train_shards, **kw)
+          "tokenizer": tokenizer, "seed": 0, **kw}
+    return build_train_loader(synthetic.train_shards, data_config(shuffle_buffer=64, num_workers=num_workers), **kw)
+
+
+def eval_loader(shards, tokenizer, **kw):
+    kw = {"dp_rank": 0, "dp_size": 1, "batch_size": 100, "image_transform": eval_transform(32), "tokenizer": tokenizer, **kw}
+    return build_eval_loader(shards, data_config(), **kw)
 
 
 def take(loader, n):
@@ -116,16 +125,14 @@ def test_every_synthetic_caption_fits_without_unknown_tokens(synthetic, tokenize
 
 def test_build_tokenizer(synthetic):
     assert build_tokenizer("sentencepiece", synthetic.tokenizer_model, 8)(["a red cross"]).shape == (1, 8)
-    with pytest.raises(ValueError, match="unknown tokenizer library 'clip' \\(choose sentencepiece\\)"):
+    with pytest.raises(ValueError, match="unknown tokenizer library 'clip' \\(choose sentencepiece or clip_bpe\\)"):
         build_tokenizer("clip", synthetic.tokenizer_model, 8)
     with pytest.raises(ValueError, match="context_length"):
         SentencePieceTokenizer(synthetic.tokenizer_model, 1)
 
 
 def test_data_parallel_ranks_see_disjoint_shards_covering_an_epoch(synthetic, tokenizer):
-    every_image = {image_hash(image) for images, _, _ in build_eval_loader(
-        synthetic.train_shards, dp_rank=0, dp_size=1, batch_size=100, image_transform=eval_transform(32),
-        tokenizer=tokenizer) for image in images}
+    every_image = {image_hash(image) for batch in eval_loader(synthetic.train_shards, tokenizer) for image in batch.images}
     assert len(every_image) == 256
     seen = []
     for rank in range(2):
@@ -167,11 +174,11 @@ def test_too_few_shards(synthetic, tokenizer):
 def test_eval_loader_splits_val_and_keeps_last_batch(synthetic, tokenizer):
     captions = []
     for rank in range(2):
-        batches = list(build_eval_loader(synthetic.val_shards, dp_rank=rank, dp_size=2, batch_size=50,
-                                         image_transform=eval_transform(32), tokenizer=tokenizer))
-        assert [len(c) for _, _, c in batches] == [50, 50, 50, 50, 16]  # 4 shards x 54 samples
-        assert all(images.shape[0] == tokens.shape[0] == len(c) for images, tokens, c in batches)
-        captions.append({caption for _, _, c in batches for caption in c})
+        batches = list(eval_loader(synthetic.val_shards, tokenizer, dp_rank=rank, dp_size=2, batch_size=50))
+        assert [len(b.captions) for b in batches] == [50, 50, 50, 50, 16]  # 4 shards x 54 samples
+        assert all(len(b.images) == len(b.tokens) == len(b.captions) == len(b.keys) for b in batches)
+        assert all(b.caption_image.tolist() == list(range(len(b.images))) and b.labels is None for b in batches)
+        captions.append({caption for b in batches for caption in b.captions})
     assert not captions[0] & captions[1] and len(captions[0] | captions[1]) == VAL_SAMPLES
 
 
@@ -182,9 +189,10 @@ def test_bad_samples_are_skipped(tmp_path, synthetic, tokenizer):
             sink.write({"__key__": sample["__key__"], "jpg": sample["jpg"], "txt": sample["txt"]})
         sink.write({"__key__": "broken", "jpg": b"not a jpeg", "txt": "a red cross"})
         sink.write({"__key__": "uncaptioned", "jpg": good[0]["jpg"]})
-    batches = list(build_eval_loader(str(tmp_path / "mixed.tar"), dp_rank=0, dp_size=1, batch_size=8,
-                                     image_transform=eval_transform(32), tokenizer=tokenizer))
-    assert batches[0][2] == [s["txt"].decode() for s in good] and len(batches) == 1
+    loader = eval_loader(str(tmp_path / "mixed.tar"), tokenizer, batch_size=8)
+    batches = list(loader)
+    assert batches[0].captions == [s["txt"].decode() for s in good] and len(batches) == 1
+    assert loader.skipped == {"bad_images": 1, "missing_captions": 1}
 
 
 def test_shard_expansion(synthetic, tmp_path):
@@ -195,7 +203,7 @@ def test_shard_expansion(synthetic, tmp_path):
     assert [os.path.basename(p) for p in missing_shards(pattern)] == ["train-000008.tar", "train-000009.tar"]
     assert len(expand_shards(pattern)) == 2
     with pytest.raises(FileNotFoundError, match="2 shard"):
-        build_eval_loader(pattern, dp_rank=0, dp_size=1, batch_size=4, image_transform=None, tokenizer=None)
+        eval_loader(pattern, None, image_transform=None)
 
 
 def test_transforms_normalize_with_given_mean_and_std():
@@ -219,3 +227,20 @@ def test_eval_transform_center_crops_and_train_crop_follows_rng():
     crop = train_transform(32)
     assert torch.equal(crop(square, random.Random(5)), crop(square, random.Random(5)))
     assert not torch.equal(crop(square, random.Random(5)), crop(square, random.Random(6)))
+
+
+def test_transforms_from_config_honour_image_size_mean_and_std():
+    image = Image.new("RGB", (50, 40), (200, 100, 50))
+    pixel = np.array([200, 100, 50], np.float32) / 255
+    cfg = small_config("model.vision.img_h=24", "model.vision.img_w=24",
+                       "model.vision.image_mean=[0.5,0.4,0.3]", "model.vision.image_std=[0.25,0.5,1.0]")
+    for transform in transforms_from_config(cfg.model.vision):
+        pixels = transform(image)
+        assert pixels.shape == (3, 24, 24)
+        expected = (pixel - np.array([0.5, 0.4, 0.3])) / np.array([0.25, 0.5, 1.0])
+        assert torch.allclose(pixels, torch.tensor(expected, dtype=torch.float32).view(3, 1, 1).expand(3, 24, 24), atol=1e-5)
+    defaults = small_config()  # 16 px, mean and std null: OpenAI's
+    for transform in transforms_from_config(defaults.model.vision):
+        pixels = transform(image)
+        expected = (pixel - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+        assert pixels.shape == (3, 16, 16) and torch.allclose(pixels[:, 0, 0], torch.tensor(expected, dtype=torch.float32))

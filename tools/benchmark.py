@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
     from megaclip.config import load_config, micro_batch_size, validate, world_size_from_env
     from megaclip.losses import ClipLoss
     from megaclip.model import CLIPModel
+    from megaclip.monitor import peak_memory_bytes
     from megaclip.optim import build_optimizer
 
     cfg = load_config(config_name, overrides)
@@ -64,10 +64,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
         loss.item()  # waits for the device
         times.append(time.perf_counter() - start)
     step_time = sorted(times[len(times) // 2:])[len(times) // 4]  # median of the second half (warm)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_memory_bytes()
     if distributed.is_main():
         print("RESULT " + json.dumps({"step_s": step_time, "samples_s": cfg.model.global_batch_size / step_time,
                                       "peak_bytes": peak, "loss": loss.item()}), flush=True)

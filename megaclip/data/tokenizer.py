@@ -2,10 +2,12 @@
 
 import io
 import os
-from typing import Iterable
+from typing import Iterable, Optional, Union
 
 import sentencepiece as spm
 import torch
+
+from megaclip.data.clip_bpe import ClipBpeTokenizer
 
 PAD_ID, UNK_ID, SOT_ID, EOT_ID = 0, 1, 2, 3
 
@@ -68,7 +70,9 @@ class SentencePieceTokenizer:
         return tokens
 
 
-def build_tokenizer(library: str, model_path: str, context_length: int) -> SentencePieceTokenizer:
+def build_tokenizer(library: str, model_path: Optional[str], context_length: int) -> Union[SentencePieceTokenizer, ClipBpeTokenizer]:
     if library == "sentencepiece":
         return SentencePieceTokenizer(model_path, context_length)
-    raise ValueError(f"unknown tokenizer library '{library}' (choose sentencepiece)")
+    if library == "clip_bpe":  # CLIP's vocabulary ships with megaclip: no model file
+        return ClipBpeTokenizer(context_length)
+    raise ValueError(f"unknown tokenizer library '{library}' (choose sentencepiece or clip_bpe)")

@@ -80,3 +80,11 @@ def train_transform(image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: S
 
 def eval_transform(image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> EvalTransform:
     return EvalTransform(image_size, mean, std)
+
+
+def transforms_from_config(vision_cfg) -> tuple[TrainTransform, EvalTransform]:
+    """(train, eval) transforms for model.vision: img_h pixels square, image_mean/image_std, or
+    OpenAI's mean/std when those are null."""
+    mean = tuple(vision_cfg.image_mean) if vision_cfg.image_mean else OPENAI_MEAN
+    std = tuple(vision_cfg.image_std) if vision_cfg.image_std else OPENAI_STD
+    return train_transform(vision_cfg.img_h, mean, std), eval_transform(vision_cfg.img_h, mean, std)

@@ -1,0 +1,100 @@
+"""Raw webdataset samples -> (image, captions, label), with every piece of bad input skipped and counted.
+
+Web-scale shards always hold some junk: undecodable images, empty captions, truncated or unreadable
+tars. None of it stops a run; each is counted under one of SKIP_KINDS so the trainer can report it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Iterable, Iterator, Optional, Sequence
+
+import webdataset as wds
+from PIL import Image
+
+# a bad shard is counted once, whatever number of samples it lost
+SKIP_KINDS = ("bad_shards", "bad_images", "missing_images", "missing_captions", "missing_labels")
+BAD_SHARD = "__bad_shard__"  # the key of the marker sample read_shards yields for a bad shard
+
+
+class Skipped(Exception):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def read_shards(urls: Iterable[str]) -> Iterator[dict]:
+    """The undecoded samples of each shard in turn, and a {BAD_SHARD: url} marker in place of the
+    rest of a shard that is unreadable, truncated or empty.
+
+    The marker travels with the samples (through the shuffle buffer, past a resume's skip), so a bad
+    shard is counted where its samples would have been, exactly once however often it is re-read.
+    """
+    for url in urls:
+        count = 0
+        try:
+            for sample in wds.tarfile_samples([{"url": url}]):
+                count += 1
+                yield sample
+        except Exception as e:  # tarfile, gzip and OS errors all mean: this shard ends here
+            warnings.warn(f"shard {url} unreadable after {count} samples: {e!r}")
+            yield {BAD_SHARD: url}
+            continue
+        if count == 0:
+            warnings.warn(f"shard {url} holds no samples")
+            yield {BAD_SHARD: url}
+
+
+class SampleDecoder:
+    """Decodes only the members a sample is used for.
+
+    image_keys: member extensions tried in order (jpg, png, webp, ...).
+    caption_key: "txt" (one caption per non-empty line), "json:FIELD" (a string or a list of strings),
+        or None to read no captions.
+    label_key: member holding an integer class label (e.g. "cls"), or None.
+    """
+
+    def __init__(self, image_keys: Sequence[str], caption_key: Optional[str], label_key: Optional[str] = None):
+        self.image_keys = [key.lower() for key in image_keys]
+        self.caption_key = caption_key
+        self.caption_member, _, self.caption_field = (caption_key or "").partition(":")
+        self.label_key = label_key
+
+    def image(self, sample: dict) -> Image.Image:
+        key = next((k for k in self.image_keys if k in sample), None)
+        if key is None:
+            raise Skipped("missing_images")
+        try:
+            return Image.open(io.BytesIO(sample[key])).convert("RGB")
+        except Exception:  # PIL raises anything from OSError to SyntaxError on junk bytes
+            raise Skipped("bad_images") from None
+
+    def captions(self, sample: dict) -> list[str]:
+        if self.caption_key is None:
+            return []
+        try:
+            text = sample[self.caption_member].decode("utf-8")
+            value = json.loads(text)[self.caption_field] if self.caption_field else text.splitlines()
+            captions = [value] if isinstance(value, str) else list(value)
+        except (KeyError, TypeError, ValueError):  # absent member or field, not UTF-8, not JSON
+            raise Skipped("missing_captions") from None
+        captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            raise Skipped("missing_captions")
+        return captions
+
+    def label(self, sample: dict) -> Optional[int]:
+        if self.label_key is None:
+            return None
+        try:
+            return int(sample[self.label_key].decode("utf-8").strip())
+        except (KeyError, ValueError):
+            raise Skipped("missing_labels") from None
+
+    def __call__(self, sample: dict) -> tuple[list[str], Optional[int], Image.Image]:
+        """(captions, label, image); raises Skipped with the kind to count for bad input."""
+        if BAD_SHARD in sample:
+            raise Skipped("bad_shards")
+        # the cheap members first, so a caption-less sample costs no image decode
+        return self.captions(sample), self.label(sample), self.image(sample)

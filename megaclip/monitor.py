@@ -1,0 +1,140 @@
+"""What a user watches during training: a progress line per log interval, TensorBoard scalars under
+the experiment directory, the resolved config saved at the start, and a PNG of loss and eval metrics
+over steps at the end. Every rank may call it; only global rank 0 prints or writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from megaclip import distributed
+
+CONFIG_FILE, TENSORBOARD_DIR, PLOT_FILE = "config.yaml", "tensorboard", "training_curves.png"
+STEP_LOG = "steps.jsonl"  # one line per step, the loss at full precision (resumed runs append)
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory allocated by torch on GPU; the process's peak resident set on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def format_duration(seconds: float) -> str:
+    days, rest = divmod(int(max(seconds, 0)), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {clock}" if days else clock
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+class TrainingMonitor:
+    """step(...) after every optimizer step, evaluation(...) after every eval, close() at the end."""
+
+    def __init__(self, cfg, *, exp_dir: str, max_steps: int, global_batch_size: int, devices: int,
+                 log_every: int, start_step: int = 0, enabled: Optional[bool] = None):
+        self.enabled = distributed.is_main() if enabled is None else enabled
+        self.exp_dir, self.max_steps, self.log_every = exp_dir, max_steps, log_every
+        self.global_batch_size, self.devices = global_batch_size, devices
+        self.start_step = self.window_step = start_step
+        self.started = self.window_start = time.perf_counter()
+        self.data_wait = 0.0  # seconds spent waiting for batches since the last progress line
+        self.losses: Dict[int, float] = {}
+        self.evals: Dict[int, Dict[str, float]] = {}
+        self.writer = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(exp_dir, exist_ok=True)
+            OmegaConf.save(cfg, os.path.join(exp_dir, CONFIG_FILE), resolve=True)
+            self.writer = SummaryWriter(os.path.join(exp_dir, TENSORBOARD_DIR))
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def timed(self, batches: Iterator) -> Iterator:
+        """batches, with the time spent waiting for each counted as data wait."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_wait += time.perf_counter() - start
+            yield batch
+
+    def step(self, step: int, *, loss: float, lr: float, skipped: Callable[[], Dict[str, int]]) -> Optional[str]:
+        """Record a step; on log steps print (and return) the progress line. skipped() gives the bad
+        input skipped so far by kind; every rank calls it on log steps, so it may be a collective
+        (e.g. lambda: loader.skipped_across_ranks(train_loader, device, dp_group))."""
+        log_step = step % self.log_every == 0 or step == self.max_steps
+        counts = skipped() if log_step else {}
+        if not self.enabled:
+            return None
+        self.losses[step] = loss
+        with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        if not log_step:
+            return None
+        now = time.perf_counter()
+        window = max(now - self.window_start, 1e-9)
+        rate = (step - self.window_step) * self.global_batch_size / window
+        wait = self.data_wait / window
+        eta = (now - self.started) / max(step - self.start_step, 1) * (self.max_steps - step)
+        line = (f"step {step}/{self.max_steps} loss {loss:.4f} lr {lr:.3e} samples/s {rate:.1f} "
+                f"({rate / self.devices:.1f}/gpu) data-wait {100 * wait:.1f}% "
+                f"skipped {sum(counts.values())} mem {peak_memory_bytes() / 2**30:.2f}GiB eta {format_duration(eta)}")
+        print(line, flush=True)
+        for name, value in (("samples_per_sec", rate), ("samples_per_sec_per_gpu", rate / self.devices),
+                            ("data_wait_fraction", wait)):
+            self.writer.add_scalar(f"train/{name}", value, step)
+        for kind, count in counts.items():
+            self.writer.add_scalar(f"data/skipped_{kind}", count, step)
+        self.window_start, self.window_step, self.data_wait = now, step, 0.0
+        return line
+
+    def evaluation(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.evals.setdefault(step, {}).update(metrics)
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        print(f"eval step {step}: {format_metrics(metrics)}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.writer.close()
+        self.plot(os.path.join(self.exp_dir, PLOT_FILE))
+
+    def plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display on a training node
+        import matplotlib.pyplot as plt
+
+        fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        loss_ax.plot(list(self.losses), list(self.losses.values()), linewidth=1)
+        loss_ax.set(xlabel="step", ylabel="loss", title="training loss")
+        # fractions on one axis; mean ranks and image counts live on other scales (TensorBoard has them)
+        names: List[str] = sorted({k for m in self.evals.values() for k in m if not k.endswith(("mean_rank", "images"))})
+        for name in names:
+            steps = [s for s in self.evals if name in self.evals[s]]
+            eval_ax.plot(steps, [self.evals[s][name] for s in steps], marker="o", label=name)
+        eval_ax.set(xlabel="step", ylabel="fraction", title="evaluation", ylim=(0, 1))
+        if names:
+            eval_ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,161 @@
+"""Zero-shot classification: a classifier built from class names and prompt templates, top-k accuracy
+on labelled images (an image folder, a webdataset split with a label key, or the synthetic val split).
+
+Class list file: one class name per line, or `index<TAB>name` lines covering 0..C-1 in any order.
+Template file: one template per line, `{}` standing for the class name. In both, blank lines and
+lines starting with # are ignored.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES
+
+OPENAI_TEMPLATES = Path(__file__).resolve().parent / "data" / "templates" / "openai_imagenet_templates.txt"
+TOP_K = (1, 5)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _lines(path) -> List[str]:
+    lines = (line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_class_names(path) -> List[str]:
+    lines = _lines(path)
+    if not any("\t" in line for line in lines):
+        return [line.strip() for line in lines]
+    try:
+        indexed = {int(index): name.strip() for index, name in (line.split("\t", 1) for line in lines)}
+    except ValueError:
+        raise ValueError(f"{path}: with indices, every line must be 'index<TAB>name'") from None
+    if sorted(indexed) != list(range(len(lines))):
+        raise ValueError(f"{path}: indices must be 0..{len(lines) - 1}, each once")
+    return [indexed[i] for i in range(len(lines))]
+
+
+def read_templates(path=OPENAI_TEMPLATES) -> List[str]:
+    templates = [line.strip() for line in _lines(path)]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise ValueError(f"{path}: every template needs exactly one {{}}, e.g. 'a photo of a {{}}.' (got {bad[:1] or 'none'})")
+    return templates
+
+
+def _dp(dp_group):
+    if dp_group is None or dist.get_world_size(dp_group) == 1:
+        return 0, 1
+    return dist.get_rank(dp_group), dist.get_world_size(dp_group)
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[str], tokenizer, device,
+                        autocast, dp_group=None) -> torch.Tensor:
+    """[D, C] on the CPU: per class, the mean of its normalized template embeddings, renormalized.
+    Ranks of dp_group encode every dp_size-th class and share the results."""
+    rank, size = _dp(dp_group)
+    was_training = model.training
+    model.eval()
+    local = {}
+    for index in range(rank, len(classnames), size):
+        tokens = tokenizer([template.format(classnames[index]) for template in templates]).to(device)
+        with autocast:
+            embeddings = model.encode_text(tokens).float()
+        local[index] = F.normalize(F.normalize(embeddings, dim=-1).mean(dim=0), dim=0).cpu()
+    model.train(was_training)
+    shares = [local]
+    if size > 1:
+        shares = [None] * size
+        dist.all_gather_object(shares, local, group=dp_group)
+    merged = {index: weights for share in shares for index, weights in share.items()}
+    return torch.stack([merged[i] for i in range(len(classnames))], dim=1)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> Dict[int, int]:
+    """How many rows have their label among the k highest logits, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels.unsqueeze(1)
+    return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, classifier: torch.Tensor, batches: Iterable, device, autocast, dp_group=None,
+                      ks=TOP_K) -> Dict[str, float]:
+    """top-k accuracy over (images, labels) batches; every rank of dp_group passes its share and
+    gets the accuracy over all of them."""
+    was_training = model.training
+    model.eval()
+    weights = classifier.to(device)
+    totals = torch.zeros(1 + len(ks), dtype=torch.float64)
+    for images, labels in batches:
+        with autocast:
+            features = model.encode_image(images.to(device)).float()
+        correct = topk_correct((features @ weights.float()).cpu(), labels, ks)
+        totals += torch.tensor([len(labels), *(correct[k] for k in ks)], dtype=torch.float64)
+    model.train(was_training)
+    if _dp(dp_group)[1] > 1:
+        totals = totals.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(totals, group=dp_group)
+    count, *hits = totals.cpu().tolist()
+    return {**{f"top{k}": h / max(count, 1) for k, h in zip(ks, hits)}, "images": int(count)}
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, items, classes, image_transform):
+        self.items, self.classes, self.image_transform = items, classes, image_transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        with Image.open(path) as image:
+            return self.image_transform(image.convert("RGB")), label
+
+
+def image_folder_batches(root, image_transform, *, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                         num_workers: int = 0) -> DataLoader:
+    """(images, labels) batches of root/<class>/<image>, this rank's every dp_size-th image; label i is
+    the i-th class subfolder in sorted order (torchvision's ImageFolder order), listed in .dataset.classes."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    items = [(os.path.join(root, name, file), label) for label, name in enumerate(classes)
+             for file in sorted(os.listdir(os.path.join(root, name))) if file.lower().endswith(IMAGE_EXTENSIONS)]
+    if not items:
+        raise FileNotFoundError(f"no images in class subfolders of {root}")
+    return DataLoader(_ImageFiles(items[dp_rank::dp_size], classes, image_transform), batch_size=batch_size,
+                      num_workers=num_workers)
+
+
+@dataclass(frozen=True)
+class CaptionTask:
+    """A zero-shot task on a captioned split, labels read off each image's first caption."""
+    classnames: List[str]
+    templates: List[str]
+    label_of_caption: Callable[[str], int]
+
+    def batches(self, eval_batches: Iterable) -> Iterator[tuple]:
+        for batch in eval_batches:
+            first = [batch.captions[int((batch.caption_image == i).nonzero()[0])] for i in range(len(batch.images))]
+            yield batch.images, torch.tensor([self.label_of_caption(c) for c in first])
+
+
+def synthetic_task(attribute: str = "shape") -> CaptionTask:
+    """Name the shape (6 classes) or the colour (8) of synthetic images; the templates are every
+    caption with that word left out, so the classifier averages over the other attributes."""
+    positions = [phrase for phrase, _, _ in POSITIONS]
+    if attribute == "shape":
+        return CaptionTask(list(SHAPES), [f"a {c} {{}} {p}" for c in COLOURS for p in positions],
+                           lambda caption: SHAPES.index(caption.split()[2]))
+    if attribute == "colour":
+        return CaptionTask(list(COLOURS), [f"a {{}} {s} {p}" for s in SHAPES for p in positions],
+                           lambda caption: list(COLOURS).index(caption.split()[1]))
+    raise ValueError(f"unknown synthetic zero-shot attribute '{attribute}' (choose shape or colour)")

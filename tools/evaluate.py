@@ -1,0 +1,83 @@
+"""Evaluate a checkpoint on one device: retrieval and zero-shot classification.
+
+    python tools/evaluate.py --checkpoint runs/clip/checkpoints                    # retrieval on the run's val split
+    python tools/evaluate.py --checkpoint CKPT --val-shards "coco/val-{0000..0004}.tar"
+    python tools/evaluate.py --checkpoint CKPT --zeroshot-folder imagenet/val --classes classes.txt
+    python tools/evaluate.py --checkpoint CKPT --zeroshot-shards "in1k/val-{0000..0063}.tar" --classes classes.txt
+    python tools/evaluate.py --checkpoint CKPT --synthetic-zeroshot shape          # synthetic val split
+
+Zero-shot labels: an image folder's i-th class subfolder in sorted order is class i; shards carry the
+label in --label-key. --classes: one name per line, or `index<TAB>name` lines.
+"""
+
+import argparse
+import contextlib
+
+from megaclip.checkpoint.model import load_model_for_inference
+from megaclip.data import prepare
+from megaclip.data.eval_loader import build_eval_loader
+from megaclip.data.tokenizer import build_tokenizer
+from megaclip.data.transforms import transforms_from_config
+from megaclip.distributed import pick_device
+from megaclip.evaluate import evaluate_retrieval
+from megaclip.monitor import format_metrics
+from megaclip.zeroshot import (OPENAI_TEMPLATES, evaluate_zeroshot, image_folder_batches, read_class_names,
+                               read_templates, synthetic_task, zeroshot_classifier)
+
+
+def report(name: str, metrics) -> None:
+    print(f"{name}: {format_metrics(metrics)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a step directory, or a checkpoint root (its latest)")
+    parser.add_argument("--val-shards", help="retrieval split; default: the run's model.data.val_shards")
+    parser.add_argument("--zeroshot-folder", help="image folder with one subfolder per class")
+    parser.add_argument("--zeroshot-shards", help="webdataset split with a class label per sample")
+    parser.add_argument("--label-key", default="cls", help="member holding the label in --zeroshot-shards")
+    parser.add_argument("--classes", help="class names file (needed by --zeroshot-folder / --zeroshot-shards)")
+    parser.add_argument("--templates", default=str(OPENAI_TEMPLATES), help="prompt templates file")
+    parser.add_argument("--synthetic-zeroshot", choices=["shape", "colour"], help="zero-shot on the synthetic val split")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if (args.zeroshot_folder or args.zeroshot_shards) and not args.classes:
+        parser.error("--zeroshot-folder and --zeroshot-shards need --classes")
+
+    device = pick_device(args.device)
+    model, cfg = load_model_for_inference(args.checkpoint, device)
+    m, autocast = cfg.model, contextlib.nullcontext()
+    sources = prepare.resolve(m)
+    tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
+    _, transform = transforms_from_config(m.vision)
+
+    def shards_loader(shards, **kw):
+        return build_eval_loader(shards, m.data, dp_rank=0, dp_size=1, batch_size=args.batch_size,
+                                 image_transform=transform, tokenizer=tokenizer, **kw)
+
+    val = shards_loader(args.val_shards or sources.val_shards)
+    report("retrieval", evaluate_retrieval(model, val, device, autocast))
+    if val.skipped:
+        report("skipped in the val split", val.skipped)
+    if args.synthetic_zeroshot:
+        task = synthetic_task(args.synthetic_zeroshot)
+        classifier = zeroshot_classifier(model, task.classnames, task.templates, tokenizer, device, autocast)
+        report(f"zeroshot synthetic {args.synthetic_zeroshot}",
+               evaluate_zeroshot(model, classifier, task.batches(val), device, autocast))
+    if args.zeroshot_folder or args.zeroshot_shards:
+        classnames, templates = read_class_names(args.classes), read_templates(args.templates)
+        classifier = zeroshot_classifier(model, classnames, templates, tokenizer, device, autocast)
+        if args.zeroshot_folder:
+            batches = image_folder_batches(args.zeroshot_folder, transform, batch_size=args.batch_size)
+            if len(batches.dataset.classes) != len(classnames):
+                parser.error(f"{args.zeroshot_folder} has {len(batches.dataset.classes)} class folders, "
+                             f"{args.classes} {len(classnames)} names")
+            report("zeroshot folder", evaluate_zeroshot(model, classifier, batches, device, autocast))
+        if args.zeroshot_shards:
+            labelled = ((b.images, b.labels) for b in shards_loader(args.zeroshot_shards, label_key=args.label_key))
+            report("zeroshot shards", evaluate_zeroshot(model, classifier, labelled, device, autocast))
+
+
+if __name__ == "__main__":
+    main()
