@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import torch
 
 from megaclip import distributed, precision, zeroshot
 from megaclip.checkpoint import CheckpointError

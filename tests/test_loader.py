@@ -2,8 +2,6 @@
 sources, counted bad input, exact resume."""
 import hashlib
 import itertools
-import os
-import tarfile
 from collections import Counter
 
 import pytest
@@ -16,7 +14,7 @@ from megaclip.data.shards import Source, expand_shards, parse_sources, resampled
 from megaclip.data.synthetic import write_synthetic_shards
 from megaclip.data.tokenizer import SentencePieceTokenizer
 from megaclip.data.transforms import eval_transform, train_transform
-from tests.data_helpers import data_config, image_bytes, write_tar
+from tests.data_helpers import data_config, image_bytes, write_bad_shards, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -107,24 +105,7 @@ def test_too_few_shards_in_epoch_mode(synthetic, tokenizer):
 
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
-    """4 shards: 5 good samples + 1 undecodable image + 1 caption-less + 1 image-less; a shard cut
-    inside its 4th sample; an empty file; a file that is no tar. 18 usable samples in all."""
-    root = tmp_path_factory.mktemp("bad")
-    good = lambda i, prefix: {"__key__": f"{prefix}{i:03d}", "png": image_bytes((i * 20, 0, 0)), "txt": f"a red circle {i}"}
-    write_tar(root / "a.tar", [good(i, "a") for i in range(5)] + [
-        {"__key__": "a100", "png": b"\x89PNG not really", "txt": "broken"},
-        {"__key__": "a101", "png": image_bytes((0, 0, 200))},
-        {"__key__": "a102", "txt": "no image"}])
-    whole = write_tar(root / "whole.tar", [good(i, "t") for i in range(6)])
-    with tarfile.open(whole) as tar:
-        cut = next(m for m in tar.getmembers() if m.name == "t003.png").offset_data + 10
-    with open(whole, "rb") as f:
-        (root / "b.tar").write_bytes(f.read()[:cut])
-    os.remove(whole)
-    (root / "c.tar").write_bytes(b"")
-    (root / "d.tar").write_bytes(b"this is not a tar archive" * 40)
-    write_tar(root / "e.tar", [good(i, "e") for i in range(11)])
-    return str(root)
+    return write_bad_shards(tmp_path_factory.mktemp("bad"))
 
 
 EXPECTED_SKIPS = {"bad_images": 1, "missing_captions": 1, "missing_images": 1, "bad_shards": 3}

@@ -91,7 +91,7 @@ def main() -> None:
     if args.worker:
         return worker(args.config_name, args.steps, overrides)
     print(f"{args.config_name}, {args.nproc} processes, {args.steps} steps, extra overrides: {' '.join(overrides) or '-'}")
-    print(f"| setting | layout | step time (ms) | samples/s | peak memory (MiB) |\n|---|---|---|---|---|")
+    print("| setting | layout | step time (ms) | samples/s | peak memory (MiB) |\n|---|---|---|---|---|")
     for name, setting in SETTINGS.items():
         layouts = [f"tp={args.nproc}"] if "sequence" in name else ["tp=1", f"tp={args.nproc}"]
         for layout in layouts:

@@ -30,7 +30,9 @@ def resolve(model_cfg) -> DataSources:
 def ensure_synthetic(model_cfg) -> None:
     """Generate the synthetic set if the config uses it and it is absent; all ranks return once it exists."""
     d = model_cfg.data
-    uses_synthetic = d.synthetic_dir is not None and (d.train_shards is None or d.val_shards is None)
+    tok = model_cfg.text.tokenizer
+    synthetic_tokenizer = tok.library == "sentencepiece" and tok.model is None
+    uses_synthetic = d.synthetic_dir is not None and (d.train_shards is None or d.val_shards is None or synthetic_tokenizer)
     if uses_synthetic and not os.path.isdir(d.synthetic_dir) and int(os.environ.get("RANK", "0")) == 0:
         print(f"generating synthetic shards in {d.synthetic_dir} ...", flush=True)
         # Rendered at 64 px at least so that downscaling to the model's size anti-aliases the shapes.

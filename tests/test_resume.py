@@ -1,0 +1,74 @@
+"""Whole runs: killed with SIGKILL and resumed, they continue the uninterrupted loss curve bit for bit;
+bad input is skipped, counted and reported while the run goes on."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.data_helpers import write_bad_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def command(data_dir, exp_dir, *overrides, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "examples/pretrain_clip.py",
+            f"model.data.synthetic_dir={data_dir}", "model.data.synthetic_train_samples=2048", f"exp_manager.exp_dir={exp_dir}",
+            "steps=24", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=4",
+            "exp_manager.checkpoint.every_n_steps=8", *overrides]
+
+
+def losses(exp_dir):
+    """step -> loss as last logged (a resumed run logs again the steps after its checkpoint)."""
+    lines = (Path(exp_dir) / "steps.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def test_sigkill_and_resume_continue_the_same_losses(tmp_path):
+    # tp=2 with 2 loader workers: the TP shards, the optimizer, RNG and the data position must all resume
+    overrides = ["tp=2", "model.data.num_workers=2"]
+    data = tmp_path / "data"
+    subprocess.run(command(data, tmp_path / "whole", *overrides), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    reference = losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 25))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(data, killed, *overrides), cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ((killed / "steps.jsonl").exists() and max(losses(killed), default=0) >= 13):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run, no cleanup
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    interrupted = losses(killed)
+    assert max(interrupted) < 24
+
+    resumed = subprocess.run(command(data, killed, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert losses(killed) == reference  # every step, exactly equal floats
+
+
+def test_bad_input_is_skipped_counted_and_reported(tmp_path):
+    shards = write_bad_shards(tmp_path / "bad")
+    proc = subprocess.run(command(tmp_path / "data", tmp_path / "run", "tp=1", f"model.data.train_shards={shards}",
+                                  f"model.data.val_shards={shards}", "gbs=8", nproc=1),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith("final: step=24 ")
+    # 24 steps of 8 from 18 usable samples per epoch: 10.7 epochs read (the reader runs a little ahead),
+    # each skipping 1 undecodable image, 1 missing caption, 1 missing image and 3 bad shards
+    report = next(line for line in lines if line.startswith("skipped input:"))
+    counts = {k: int(v) for k, v in (part.rsplit(" ", 1) for part in report.split("(")[1].rstrip(")").split(", "))}
+    assert counts.keys() == {"bad_images", "missing_captions", "missing_images", "bad_shards"}
+    assert all(10 <= counts[k] <= 12 for k in ("bad_images", "missing_captions", "missing_images"))
+    assert 30 <= counts["bad_shards"] <= 36
+    assert report.startswith(f"skipped input: {sum(counts.values())} ")
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress and all(" skipped " in line for line in progress)
