@@ -133,6 +133,7 @@ class ModelConfig:
     local_loss: bool = False
     gather_with_grad: bool = True
     seed: int = 1234
+    init_from: Optional[str] = None  # checkpoint (any TP) whose weights start a new run, e.g. a converted one
     linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
     megatron_amp_O2: bool = False  # with trainer.precision=bf16: bf16 weights, fp32 master weights in the optimizer
     sequence_parallel: bool = False  # needs tp > 1: activations outside the TP linears split along the sequence

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional
 
 from megaclip import distributed, precision, zeroshot
 from megaclip.checkpoint import CheckpointError
+from megaclip.checkpoint.model import init_model_from
 from megaclip.checkpoint import training as checkpointing
 from megaclip.config import ConfigError, micro_batch_size
 from megaclip.data import prepare
@@ -91,15 +92,19 @@ def train(cfg, world_size: int) -> TrainResult:
     device = distributed.init(m.tensor_model_parallel_size, t.device)
     distributed.seed_everything(m.seed)
     data = build_data(cfg, world_size)
-    model = precision.prepare_model(CLIPModel(m), cfg).to(device)
+    model = CLIPModel(m)
+    checkpoints = Path(cfg.exp_manager.exp_dir) / "checkpoints"
+    resuming = cfg.exp_manager.resume_if_exists and checkpointing.latest(checkpoints) is not None
+    if m.init_from and not resuming:  # before the optimizer copies the weights into its master weights
+        init_model_from(model, m.init_from, m, distributed.tp_size(), distributed.tp_rank())
+    model = precision.prepare_model(model, cfg).to(device)
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
     loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())
     autocast = precision.autocast(cfg, device)
 
-    checkpoints = Path(cfg.exp_manager.exp_dir) / "checkpoints"
     state = dict(model=model, optimizer=optimizer, scheduler=scheduler, loader=data.train)
-    resumed = checkpointing.resume(checkpoints, cfg=cfg, **state) if cfg.exp_manager.resume_if_exists else None
+    resumed = checkpointing.resume(checkpoints, cfg=cfg, **state) if resuming else None
     first_step = resumed["step"] + 1 if resumed else 1
     monitor = TrainingMonitor(cfg, exp_dir=cfg.exp_manager.exp_dir, max_steps=t.max_steps,
                               global_batch_size=m.global_batch_size, devices=world_size,
@@ -108,6 +113,8 @@ def train(cfg, world_size: int) -> TrainResult:
                   f"tp={distributed.tp_size()} dp={distributed.dp_size()}, global batch {m.global_batch_size}, device {device}")
     if resumed:
         monitor.print(f"resumed from {checkpoints / checkpointing.step_dir_name(resumed['step'])}")
+    elif m.init_from:
+        monitor.print(f"weights from {m.init_from}")
 
     result, batches = TrainResult(), monitor.timed(iter(data.train))
     for step in range(first_step, t.max_steps + 1):

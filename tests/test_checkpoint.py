@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from megaclip import distributed
-from megaclip.checkpoint import CheckpointError, latest
+from megaclip.checkpoint import CheckpointError, latest, write_model_checkpoint
+from megaclip.checkpoint.model import init_model_from
 from megaclip.checkpoint import files as checkpoint_files
 from megaclip.checkpoint import training as checkpointing
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
+from megaclip.model.state import full_state_dict
 from megaclip.optim import build_optimizer, cosine_schedule
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, small_config
@@ -129,3 +131,22 @@ def test_partial_directories_are_not_checkpoints(tmp_path):
     assert latest(tmp_path) is None
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         checkpoint_files.resolve(tmp_path)
+
+
+def init_from_converted(root):
+    cfg, state = build()
+    distributed.seed_everything(1234)  # other weights than the checkpoint's
+    model = CLIPModel(cfg.model)
+    init_model_from(model, root, cfg.model, distributed.tp_size(), distributed.tp_rank())
+    return features(cfg, model)
+
+
+def test_init_from_a_model_only_checkpoint_at_another_tp(tmp_path):
+    cfg = small_config()
+    distributed.seed_everything(11)
+    source = CLIPModel(cfg.model)  # TP=1, plain linears: no process group needed
+    write_model_checkpoint(tmp_path, full_state_dict(source, cfg.model.text.vocab_size), cfg, tp=1)
+    ref_image, ref_text = features(cfg, source)
+    for image, text in run_distributed(init_from_converted, 2, 2, str(tmp_path)):
+        torch.testing.assert_close(image, ref_image, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(text, ref_text, rtol=1e-5, atol=1e-6)

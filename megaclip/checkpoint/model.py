@@ -83,3 +83,12 @@ def load_model_for_inference(path, device: str = "cpu"):
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return model.to(device).eval(), cfg
+
+
+def init_model_from(model, path, model_cfg, tp: int, tp_rank: int) -> Path:
+    """Start a run from a checkpoint's weights only (a converted one, or another run's)."""
+    directory = resolve(path)
+    meta, saved_cfg = read_meta(directory)
+    check_architecture(saved_cfg.model, model_cfg)
+    load_model_shards(model, directory, meta, saved_cfg, tp, tp_rank)
+    return directory
