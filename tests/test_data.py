@@ -26,17 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_SAMPLES = len(COLOURS) * len(SHAPES) * len(POSITIONS)
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return write_synthetic_shards(tmp_path_factory.mktemp("data") / "synthetic", image_size=32,
-                                  train_samples=256, samples_per_shard=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(synthetic):
-    return SentencePieceTokenizer(synthetic.tokenizer_model, context_length=16)
-
-
 def read_samples(pattern):
     with wds.WebDataset(pattern, shardshuffle=False) as dataset:
         return list(dataset)

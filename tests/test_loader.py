@@ -11,21 +11,8 @@ from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.loader import build_train_loader
 from megaclip.data.samples import SampleDecoder, Skipped
 from megaclip.data.shards import Source, expand_shards, parse_sources, resampled_shards
-from megaclip.data.synthetic import write_synthetic_shards
-from megaclip.data.tokenizer import SentencePieceTokenizer
 from megaclip.data.transforms import eval_transform, train_transform
 from tests.data_helpers import data_config, image_bytes, write_bad_shards, write_tar
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return write_synthetic_shards(tmp_path_factory.mktemp("data") / "synthetic", image_size=32,
-                                  train_samples=256, samples_per_shard=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(synthetic):
-    return SentencePieceTokenizer(synthetic.tokenizer_model, context_length=16)
 
 
 def loader(shards, tokenizer, *, dp_rank=0, dp_size=1, seed=0, transform=None, **cfg):
