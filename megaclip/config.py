@@ -160,6 +160,7 @@ class CheckpointConfig:
 class ExpManagerConfig:
     exp_dir: str = "runs/clip"
     resume_if_exists: bool = True  # continue from exp_dir/checkpoints/latest
+    create_tensorboard_logger: bool = True  # scalars under exp_dir/tensorboard
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 

@@ -51,11 +51,16 @@ class TrainingMonitor:
         self.evals: Dict[int, Dict[str, float]] = {}
         self.writer = None
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             os.makedirs(exp_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(exp_dir, CONFIG_FILE), resolve=True)
-            self.writer = SummaryWriter(os.path.join(exp_dir, TENSORBOARD_DIR))
+            if cfg.exp_manager.create_tensorboard_logger:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(exp_dir, TENSORBOARD_DIR))
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -83,8 +88,8 @@ class TrainingMonitor:
         self.losses[step] = loss
         with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
             f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-        self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", lr, step)
+        self.scalar("train/loss", loss, step)
+        self.scalar("train/lr", lr, step)
         if not log_step:
             return None
         now = time.perf_counter()
@@ -98,9 +103,9 @@ class TrainingMonitor:
         print(line, flush=True)
         for name, value in (("samples_per_sec", rate), ("samples_per_sec_per_gpu", rate / self.devices),
                             ("data_wait_fraction", wait)):
-            self.writer.add_scalar(f"train/{name}", value, step)
+            self.scalar(f"train/{name}", value, step)
         for kind, count in counts.items():
-            self.writer.add_scalar(f"data/skipped_{kind}", count, step)
+            self.scalar(f"data/skipped_{kind}", count, step)
         self.window_start, self.window_step, self.data_wait = now, step, 0.0
         return line
 
@@ -109,13 +114,14 @@ class TrainingMonitor:
             return
         self.evals.setdefault(step, {}).update(metrics)
         for name, value in metrics.items():
-            self.writer.add_scalar(f"eval/{name}", value, step)
+            self.scalar(f"eval/{name}", value, step)
         print(f"eval step {step}: {format_metrics(metrics)}", flush=True)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.plot(os.path.join(self.exp_dir, PLOT_FILE))
 
     def plot(self, path: str) -> None:

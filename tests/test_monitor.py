@@ -1,5 +1,6 @@
 """What a user sees: progress lines, TensorBoard scalars, the saved config, the final plot."""
 import os
+import json
 import re
 import time
 
@@ -73,3 +74,15 @@ def test_only_rank_zero_writes(tmp_path, capsys):
 def test_format_duration():
     assert format_duration(0) == "00:00:00" and format_duration(3725.9) == "01:02:05"
     assert format_duration(2 * 86400 + 61) == "2d 00:01:01"
+
+
+def test_steps_log_always_and_tensorboard_only_when_asked(tmp_path):
+    cfg = small_config("trainer.max_steps=2", "exp_manager.create_tensorboard_logger=false")
+    monitor = TrainingMonitor(cfg, exp_dir=str(tmp_path), max_steps=2, global_batch_size=8, devices=1,
+                              log_every=1, enabled=True)
+    for step in (1, 2):
+        monitor.step(step, loss=1.0 / 3 + step, lr=0.1, skipped=dict)
+    monitor.close()
+    assert not (tmp_path / "tensorboard").exists()
+    logged = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["loss"]) for e in logged] == [(1, 1.0 / 3 + 1), (2, 1.0 / 3 + 2)]  # full precision
