@@ -148,6 +148,8 @@ class TrainerConfig:
     val_check_interval: int = 50
     precision: str = "32"  # 32 | bf16
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each transformer layer (names, and so checkpoints, unchanged)
+    compile_backend: str = "inductor"
 
 
 @dataclass

@@ -98,6 +98,9 @@ def train(cfg, world_size: int) -> TrainResult:
     if m.init_from and not resuming:  # before the optimizer copies the weights into its master weights
         init_model_from(model, m.init_from, m, distributed.tp_size(), distributed.tp_rank())
     model = precision.prepare_model(model, cfg).to(device)
+    if t.compile:
+        for tower in (model.visual, model.text):
+            tower.transformer.compile_layers(t.compile_backend)
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
     loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())

@@ -114,11 +114,14 @@ def test_bf16_o2_trains_with_fp32_master_weights():
     assert losses == pytest.approx(fp32, rel=0.05)
 
 
-def loss_and_grads(overrides):
+def loss_and_grads(overrides, compile_backend=None):
     cfg = small_config(f"tp={distributed.tp_size()}", "model.vision.class_token_length=2",
                        "model.text.encoder_seq_length=7", *overrides)
     distributed.seed_everything(9)
     model = CLIPModel(cfg.model)
+    if compile_backend:
+        for tower in (model.visual, model.text):
+            tower.transformer.compile_layers(compile_backend)
     images, tokens = fixed_batch(cfg, 4)
     loss = ClipLoss()(*model(images, tokens))
     loss.backward()
@@ -152,3 +155,11 @@ def test_activation_checkpointing_changes_nothing(tp2_plain, method, layers):
 def test_sequence_parallel_changes_nothing(tp2_plain):
     for result in run_distributed(loss_and_grads, 2, 2, ["model.sequence_parallel=true"]):
         assert_same_loss_and_grads(result, tp2_plain, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["tp1", "tp2"])
+def test_compiled_layers_change_nothing(tp2_plain, world):
+    # aot_eager: dynamo's graph capture and autograd without inductor's code generation (minutes on CPU)
+    reference = tp2_plain if world == 2 else run_distributed(loss_and_grads, 1, 1, [])[0]
+    for result in run_distributed(loss_and_grads, world, world, [], "aot_eager"):
+        assert_same_loss_and_grads(result, reference, rtol=1e-6)

@@ -98,6 +98,13 @@ class ParallelTransformer(nn.Module):
         x = scatter_sequence(F.pad(x, (0, 0, 0, pad)))
         return gather_sequence(self._layers(x), grad_is_partial=False)[:, :length]
 
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """Compile layer by layer, in place (parameter names stay as they are): one compiled graph
+        serves every layer of the tower, and the checkpointing and sequence-parallel code around the
+        layers stays eager."""
+        for layer in self.layers:
+            layer.compile(backend=backend)
+
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         """Megatron's full checkpointing: ``uniform`` recomputes every chunk of k layers from its input,
         ``block`` recomputes the first k layers one by one and keeps the rest."""
