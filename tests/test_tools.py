@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 from PIL import Image
 
 from megaclip.checkpoint import write_model_checkpoint
@@ -97,8 +96,6 @@ def test_train_tokenizer_on_shard_captions(tmp_path, synthetic):
 def test_evaluate_a_checkpoint(tmp_path, synthetic):
     cfg = small_config("model.text.vocab_size=64", "model.text.encoder_seq_length=16",
                        f"model.data.synthetic_dir={os.path.dirname(synthetic.tokenizer_model)}")
-    # the loaders' data keys, until the config schema carries them
-    cfg = OmegaConf.merge(OmegaConf.to_container(cfg), {"model": {"data": vars(data_config())}})
     write_model_checkpoint(tmp_path / "ckpt", full_state_dict(CLIPModel(cfg.model), 64), cfg, tp=1)
     folder = tmp_path / "folder"
     for name in ("circle", "square"):
