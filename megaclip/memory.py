@@ -1,0 +1,449 @@
+"""Per-GPU memory of a megaclip training run: parameters, gradients, optimizer state, activations.
+
+Everything is per GPU, i.e. per tensor-parallel (TP) rank, in bytes. Notation: t TP size, d data-
+parallel (DP) size, b micro batch; per tower L layers, h width, f ffn width, n heads, s tokens (vision:
+class tokens + patches; text: the context, padded to a multiple of t under sequence parallelism),
+T = s·b tokens per micro batch; o output dim; q = t with sequence parallelism, else 1.
+
+Parameters, counted exactly by ``parameter_shapes`` (``CLIPModel``'s names and shapes on one TP rank).
+qkv and fc (weight and bias), the weights of the two proj row linears and the token embedding (rows
+padded to a multiple of 128·t) are split over t; everything else is replicated:
+    layer    4h (ln_1, ln_2) + (3h² + 3h)/t + h²/t + h + (fh + f)/t + fh/t + h
+    vision   conv1 3·p²·h + class k·h + positions (k + patches)·h + ln_pre, ln_post 4h + proj h·o
+    text     tokens V_pad·h/t + positions ctx·h + ln_final 2h + projection h·o;  logit_scale 1
+With n_local elements on a rank and weights of w bytes (2 under bf16 O2, where the logit scale stays
+fp32; else 4):
+    params      n_local·w
+    grads       n_local·w      flat gradient buffers in the model dtype (plain fused_adam sets them
+                               to None after each step, so its peak may be lower by up to this)
+    optimizer   fused_adam: 8·n_local (torch AdamW's two moments, fp32); with O2 12·n_local (fp32
+                master weights + two moments); distributed_fused_adam: 12·Σ ceil(n_i / d) over its
+                buckets i, one per (dtype, weight decay, tensor-parallel; only megatron-core's layers,
+                used at t > 1, mark parameters tensor-parallel), in the order of the parameters
+    step        what finishing the gradients and stepping allocates, after the activations are freed:
+                fused_adam: 4·n_local if d > 1 (the DP average's flat fp32 copy), else 4·(largest
+                tensor) (its square, for the norm); with O2, or distributed_fused_adam at d = 1:
+                max_i 4·Σ_{j<=i} n_j + 4·n_i (each bucket's gradient in fp32 stays as its masters'
+                gradient; the norm squares one bucket); distributed_fused_adam: max_i 4·Σ_{j<=i} s_j
+                + 4·d·s_i + 4·s_i with s_i = ceil(n_i / d) (bucket i in fp32, reduce-scattered into an
+                fp32 shard that stays). fp32 weights' gradients need no fp32 copy: drop the 4·n and 4·d·s.
+
+Activations of one micro batch, attention by flash/SDPA kernels (no s×s scores kept), counted as
+PyTorch keeps and frees them. Bytes per element: c = 2 under bf16, else 4; r, the residual stream and
+LayerNorm inputs, = 4 under bf16 autocast (no O2: CUDA autocast runs LayerNorm in fp32, and fp32 +
+bf16 adds to fp32), else c; m = 4 under autocast with megatron-core's linears (t > 1 without sequence
+parallelism: they save their fp32 input and add their fp32 bias after the bf16 matmul, so the MLP
+runs in fp32), else c. A full layer keeps
+    2·T·h·r/q   the LN inputs; the first is the layer input, in = T·h·r/q, all a checkpoint keeps
+    2·T·h·m     the LN outputs as qkv and fc save them (after the sequence all-gather: whole)
+    16·T/q      LN mean and rstd, fp32                   [+ 2·T·h/q bool masks with hidden dropout]
+    4·T·h·c/t   q, k, v and the attention output (the same tensor is the proj input)
+    4·T·n/t     attention log-sum-exp, fp32
+    2·T·f·m/t   fc output and GELU output, the proj input (quick_gelu also its sigmoid: 3·T·f·m/t)
+A tower of L layers, k = activations_checkpoint_num_layers, keeps at the end of the forward
+    none: L full;   uniform: ceil(L/k) inputs;   block: min(k, L) inputs + (L - k)+ full
+and, when its backward reaches the layers, the most of these (inputs waiting, full layers):
+    none: (0, L);   uniform: (j, layers of chunk j) for every chunk j;   block: (k, L - k), (k - 1, 1)
+(a recomputed chunk's own input is its first layer's), plus one layer's backward working set:
+(T·f·m + f·h·c)/t, proj's input and weight gradients (under autocast +4 bytes per weight element,
+its fp32 cast), + in, the residual stream's gradient [+ T·h·m under sequence parallelism, proj's
+output gradient all-gathered]. By the time GELU's and attention's backward allocate, as much is freed.
+Around the layers, whole on every TP rank: vision's start keeps the conv input b·3·H·W·c, the ln_pre
+input T·h·r and its stats 8·T; text's start the token ids 8·b·ctx. A tower's head keeps the final
+LN's input T·h·r and stats 8·T, the pooled rows b·h·c (vision's class token is a view that keeps all
+of ln_post's output, T·h·r, unless autocast saves a bf16 copy or global average pooling a new tensor)
+and the projection output b·o·c; the head is freed before the backward reaches the layers.
+The loss, fp32, over N = d·b samples with R = b (local_loss) or N rows, keeps the normalised features
+of the DP batch 2·N·o·4 and both directions' log-softmax 2·R·N·4; its backward adds 2·R·N·4.
+Autocast also keeps a bf16 copy of every matmul weight and bias: 2 bytes per element.
+The text tower's backward runs first (computed later, its autograd nodes have higher sequence
+numbers), with the vision tower still whole, so
+    activations = copies + max(vision + text + loss + loss backward, vision + text's layer backward,
+                               vision's layer backward)
+    total = params + grads + optimizer + max(activations, step)
+Not counted: the CUDA context, NCCL buffers and allocator fragmentation (leave headroom). A CPU run's
+live tensors match this to 0.2 % (activations: fp32 and O2; TP 1 and 2, with and without sequence
+parallelism and checkpointing; the step: all but the sharded path, where gloo's reduce-scatter copies
+its input); what CPU cannot show is CUDA's own: fp32 LN statistics and bool dropout masks for any
+input dtype, and autocast, whose CPU rules differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from megaclip.model.parallel import padded_vocab_size
+from megaclip.model.state import partition_dim
+from megaclip.optim.adamw import no_weight_decay
+
+GiB = 2 ** 30
+OPTIMIZERS = ("fused_adam", "distributed_fused_adam")
+_ACTIVATION_TENSORS = {"gelu": 2, "quick_gelu": 3}  # ffn-sized tensors an MLP keeps
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Full activation checkpointing of one tower (megatron's meaning): ``uniform`` recomputes every
+    chunk of ``num_layers`` layers from its input, ``block`` checkpoints the first ``num_layers``
+    layers only; ``method=None`` keeps everything."""
+    method: Optional[str] = None
+    num_layers: int = 1
+
+    @classmethod
+    def of_tower(cls, tower) -> "Checkpointing":
+        method = tower.activations_checkpoint_method if tower.activations_checkpoint_granularity == "full" else None
+        return cls(method, tower.activations_checkpoint_num_layers)
+
+    def kept(self, num_layers: int) -> Tuple[int, int]:
+        """(layer inputs, full layers) kept at the end of the forward."""
+        k = min(self.num_layers, num_layers)
+        if self.method == "uniform":
+            return math.ceil(num_layers / k), 0
+        if self.method == "block":
+            return k, num_layers - k
+        return 0, num_layers
+
+    def in_backward(self, num_layers: int) -> List[Tuple[int, int]]:
+        """(layer inputs, full layers) alive as the backward reaches each recomputed chunk, or the kept
+        layers: the earlier chunks' inputs wait; a chunk's own input is its first layer's."""
+        k = min(self.num_layers, num_layers)
+        if self.method == "uniform":
+            return [(j, min(k, num_layers - start)) for j, start in enumerate(range(0, num_layers, k))]
+        if self.method == "block":
+            return [(k, num_layers - k), (k - 1, 1)]
+        return [(0, num_layers)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is split and trained: everything the planner needs besides the model's shape."""
+    tp: int = 1
+    dp: int = 1
+    micro_batch: int = 1
+    precision: str = "bf16"  # 32 | bf16
+    o2: bool = False  # bf16 weights, fp32 master weights in the optimizer
+    optimizer: str = "fused_adam"
+    sequence_parallel: bool = False
+    vision_checkpointing: Checkpointing = Checkpointing()
+    text_checkpointing: Checkpointing = Checkpointing()
+
+    @classmethod
+    def from_config(cls, cfg, dp: int = 1) -> "Layout":
+        m = cfg.model
+        return cls(tp=m.tensor_model_parallel_size, dp=dp, micro_batch=m.micro_batch_size or m.global_batch_size // dp,
+                   precision=cfg.trainer.precision, o2=m.megatron_amp_O2, optimizer=m.optim.name,
+                   sequence_parallel=m.sequence_parallel, vision_checkpointing=Checkpointing.of_tower(m.vision),
+                   text_checkpointing=Checkpointing.of_tower(m.text))
+
+    @property
+    def bf16_weights(self) -> bool:
+        return self.precision == "bf16" and self.o2
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision == "bf16" and not self.o2
+
+    def replace(self, **changes) -> "Layout":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    params: int
+    grads: int
+    optimizer_state: int
+    activations: int  # the forward and backward's peak
+    optimizer_step: int  # the step's transients, when the activations are gone
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer_state + max(self.activations, self.optimizer_step)
+
+
+@dataclass(frozen=True)
+class Activations:
+    vision: int  # kept by the vision tower at the end of the forward
+    text: int
+    loss: int
+    peak: int  # the most alive at once in forward and backward, autocast's weight copies included
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def parameter_shapes(model_cfg, tp: int) -> Dict[str, Tuple[int, ...]]:
+    """``CLIPModel(model_cfg).named_parameters()``'s names and shapes on one rank at TP size ``tp``."""
+    v, t = model_cfg.vision, model_cfg.text
+    patches = (v.img_h // v.patch_dim) * (v.img_w // v.patch_dim)
+    shapes = {"logit_scale": ()}
+    shapes.update({
+        "visual.class_embedding": (v.class_token_length, v.hidden_size),
+        "visual.positional_embedding": (v.class_token_length + patches, v.hidden_size),
+        "visual.proj": (v.hidden_size, model_cfg.output_dim),
+        "visual.conv1.weight": (v.hidden_size, v.num_channels, v.patch_dim, v.patch_dim),
+        **_layer_norm("visual.ln_pre", v.hidden_size),
+        **_transformer_shapes("visual.transformer", v, tp),
+        **_layer_norm("visual.ln_post", v.hidden_size),
+        "text.positional_embedding": (t.encoder_seq_length, t.hidden_size),
+        "text.text_projection": (t.hidden_size, model_cfg.output_dim),
+        "text.token_embedding.weight": (padded_vocab_size(t.vocab_size, tp) // tp, t.hidden_size),
+        **_transformer_shapes("text.transformer", t, tp),
+        **_layer_norm("text.ln_final", t.hidden_size),
+    })
+    return shapes
+
+
+def _layer_norm(prefix: str, width: int) -> Dict[str, Tuple[int, ...]]:
+    return {f"{prefix}.weight": (width,), f"{prefix}.bias": (width,)}
+
+
+def _transformer_shapes(prefix: str, tower, tp: int) -> Dict[str, Tuple[int, ...]]:
+    w, f = tower.hidden_size, tower.ffn_hidden_size
+    shapes = {}
+    for i in range(tower.num_layers):
+        p = f"{prefix}.layers.{i}"
+        shapes.update({
+            **_layer_norm(f"{p}.ln_1", w),
+            f"{p}.attn.qkv.weight": (3 * w // tp, w), f"{p}.attn.qkv.bias": (3 * w // tp,),
+            f"{p}.attn.proj.weight": (w, w // tp), f"{p}.attn.proj.bias": (w,),
+            **_layer_norm(f"{p}.ln_2", w),
+            f"{p}.mlp.fc.weight": (f // tp, w), f"{p}.mlp.fc.bias": (f // tp,),
+            f"{p}.mlp.proj.weight": (w, f // tp), f"{p}.mlp.proj.bias": (w,),
+        })
+    return shapes
+
+
+def weight_bytes(name: str, layout: Layout) -> int:
+    """Bytes per element of parameter ``name``: O2 casts the model to bf16 but the logit scale."""
+    return 2 if layout.bf16_weights and name != "logit_scale" else 4
+
+
+def parameter_buckets(model_cfg, layout: Layout) -> Dict[Tuple[int, bool, bool], int]:
+    """Elements per (bytes per element, weight decay, tensor-parallel), in the order distributed_fused_adam
+    makes its buckets: that of the model's parameters. Only megatron-core's layers mark parameters
+    tensor-parallel; TP=1's plain nn.Linear and nn.Embedding do not."""
+    marked = _megatron_layers(model_cfg, layout.tp)
+    buckets: Dict[Tuple[int, bool, bool], int] = {}
+    for name, shape in parameter_shapes(model_cfg, layout.tp).items():
+        decay = not no_weight_decay(name, torch.empty(shape, device="meta"))
+        key = (weight_bytes(name, layout), decay, marked and partition_dim(name) is not None)
+        buckets[key] = buckets.get(key, 0) + math.prod(shape)
+    return buckets
+
+
+def _megatron_layers(model_cfg, tp: int) -> bool:
+    return model_cfg.linear_impl == "megatron" or (model_cfg.linear_impl == "auto" and tp > 1)
+
+
+def optimizer_state_bytes(layout: Layout, bucket_elements: Iterable[int]) -> int:
+    """Adam's state for parameters in flat buckets of ``bucket_elements`` (one entry per bucket; only
+    distributed_fused_adam, which shards each bucket over DP, cares how they are split)."""
+    elements = list(bucket_elements)
+    if layout.optimizer == "distributed_fused_adam":
+        return 12 * sum(math.ceil(n / layout.dp) for n in elements)
+    return (12 if layout.bf16_weights else 8) * sum(elements)
+
+
+def optimizer_step_bytes(model_cfg, layout: Layout, bucket_elements: Iterable[int]) -> int:
+    """What reducing the gradients and stepping allocates on top of the state, once the activations
+    are freed; ``bucket_elements`` in the optimizer's bucket order (see the module docstring)."""
+    elements = list(bucket_elements)
+    copy = 4 if layout.bf16_weights else 0  # bf16 gradients .float() into a copy; fp32 ones are their own
+    if layout.optimizer == "distributed_fused_adam" and layout.dp > 1:
+        shards = [math.ceil(n / layout.dp) for n in elements]
+        return max(4 * sum(shards[:i + 1]) + copy * s * layout.dp + 4 * s for i, s in enumerate(shards))
+    if layout.optimizer == "distributed_fused_adam" or layout.bf16_weights:
+        return max(copy * sum(elements[:i + 1]) + 4 * n for i, n in enumerate(elements))
+    largest = max(math.prod(shape) for shape in parameter_shapes(model_cfg, layout.tp).values())
+    return max(4 * sum(elements) if layout.dp > 1 else 0, 4 * largest)
+
+
+# ---------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    """Bytes per element of each kind of activation (see the module docstring: c, r, m)."""
+    compute: int
+    residual: int
+    linear: int
+
+
+def _activation_bytes_per_element(model_cfg, layout: Layout) -> _Bytes:
+    c = 2 if layout.precision == "bf16" else 4
+    if not layout.autocast:
+        return _Bytes(c, c, c)
+    megatron_linears = _megatron_layers(model_cfg, layout.tp) and not layout.sequence_parallel
+    return _Bytes(c, 4, 4 if megatron_linears else c)
+
+
+def _sequence(tower, vision: bool, multiple: int = 1) -> int:
+    """Tokens per sample; the text tower pads its context to a multiple of tp for sequence parallelism
+    (``multiple``)."""
+    if vision:
+        return tower.class_token_length + (tower.img_h // tower.patch_dim) * (tower.img_w // tower.patch_dim)
+    return math.ceil(tower.encoder_seq_length / multiple) * multiple
+
+
+def _layer(tower, tokens: int, layout: Layout, e: _Bytes) -> Tuple[int, int, int]:
+    """(layer input, full layer, backward working set) in bytes on one rank."""
+    h, f, n, t = tower.hidden_size, tower.ffn_hidden_size, tower.num_attention_heads, layout.tp
+    q = t if layout.sequence_parallel else 1
+    layer_input = tokens * h * e.residual // q
+    outside = 2 * layer_input + 2 * tokens * h * e.linear + 16 * tokens // q
+    if tower.hidden_dropout > 0:
+        outside += 2 * tokens * h // q
+    inside = tokens * (4 * h * e.compute + 4 * n + _ACTIVATION_TENSORS[tower.activation] * f * e.linear) // t
+    # The MLP's backward: proj's input and weight gradients, next to the residual stream's gradient
+    # (and, under sequence parallelism, proj's output gradient all-gathered to the whole sequence). By
+    # the time GELU's and attention's backward allocate, tensors as large have been freed.
+    weight_grad = f * h * (e.compute + (4 if layout.autocast else 0))  # autocast casts it to fp32 too
+    working = (tokens * f * e.linear + weight_grad) // t + layer_input
+    if layout.sequence_parallel:
+        working += tokens * h * e.linear
+    return layer_input, outside + inside, working
+
+
+def _tower(tower, output_dim: int, checkpointing: Checkpointing, layout: Layout, e: _Bytes,
+           vision: bool) -> Tuple[int, int]:
+    """(bytes kept at the end of the forward, bytes alive at the backward's peak in the layers, when the
+    head (final LN, pooling, projection) is freed)."""
+    b, h = layout.micro_batch, tower.hidden_size
+    padding = layout.tp if layout.sequence_parallel else 1
+    layer_input, full, working = _layer(tower, _sequence(tower, vision, padding) * b, layout, e)
+    inputs, fulls = checkpointing.kept(tower.num_layers)
+    layers = inputs * layer_input + fulls * full
+    backward = max(i * layer_input + n * full for i, n in checkpointing.in_backward(tower.num_layers)) + working
+    tokens = _sequence(tower, vision) * b  # before and after the layers: unpadded and whole
+    pooled = b * h * e.compute
+    if vision:
+        start = b * tower.num_channels * tower.img_h * tower.img_w * e.compute + tokens * h * e.residual + 8 * tokens
+        # x[:, 0] is a view: the matmul saving it keeps all of ln_post's output, unless autocast saves
+        # a bf16 copy instead or global average pooling makes a new tensor.
+        if not (layout.autocast or tower.global_average_pool):
+            pooled = tokens * h * e.residual
+    else:
+        start = 8 * tokens  # token ids (int64)
+    head = tokens * h * e.residual + 8 * tokens + pooled + b * output_dim * e.compute
+    return start + layers + head, start + backward
+
+
+def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
+    """(bytes the contrastive loss keeps, bytes its backward adds), fp32."""
+    samples = layout.dp * layout.micro_batch
+    rows = layout.micro_batch if model_cfg.local_loss else samples
+    return 2 * samples * model_cfg.output_dim * 4 + 2 * rows * samples * 4, 2 * rows * samples * 4
+
+
+def activation_bytes(model_cfg, layout: Layout) -> Activations:
+    e = _activation_bytes_per_element(model_cfg, layout)
+    vision = _tower(model_cfg.vision, model_cfg.output_dim, layout.vision_checkpointing, layout, e, vision=True)
+    text = _tower(model_cfg.text, model_cfg.output_dim, layout.text_checkpointing, layout, e, vision=False)
+    loss = _loss(model_cfg, layout)
+    return Activations(vision[0], text[0], loss[0], _peak(_autocast_copies(model_cfg, layout), vision, text, loss))
+
+
+def _peak(copies: int, vision: Tuple[int, int], text: Tuple[int, int], loss: Tuple[int, int]) -> int:
+    """The most alive at once from each part's (kept, in backward) bytes. The text tower's backward runs
+    first (its autograd nodes are younger), with the vision tower still whole."""
+    return copies + max(vision[0] + text[0] + loss[0] + loss[1], vision[0] + text[1], vision[1])
+
+
+def _autocast_copies(model_cfg, layout: Layout) -> int:
+    if not layout.autocast:
+        return 0
+    return 2 * sum(math.prod(shape) for name, shape in parameter_shapes(model_cfg, layout.tp).items()
+                   if _is_matmul_operand(name))
+
+
+def _is_matmul_operand(name: str) -> bool:
+    """Parameters autocast copies to bf16: linear, conv and projection weights and biases."""
+    return any(part in name for part in (".attn.", ".mlp.", "conv1", "visual.proj", "text_projection"))
+
+
+# ---------------------------------------------------------------- plans
+
+
+def layout_problem(model_cfg, layout: Layout) -> Optional[str]:
+    """Why ``layout`` cannot run this model (a few words), or None."""
+    for name in ("vision", "text"):
+        tower = model_cfg[name]
+        if tower.num_attention_heads % layout.tp:
+            return f"{tower.num_attention_heads} {name} heads"
+        if tower.ffn_hidden_size % layout.tp:
+            return f"{name} ffn {tower.ffn_hidden_size}"
+    if layout.sequence_parallel:
+        if layout.tp == 1:
+            return "sequence parallel needs tp > 1"
+        seq = _sequence(model_cfg.vision, vision=True)
+        if seq % layout.tp:
+            return f"vision sequence {seq}"
+    return None
+
+
+def plan_memory(cfg, layout: Layout, bucket_elements: Optional[Iterable[int]] = None) -> MemoryPlan:
+    """Per-GPU bytes of a run of config ``cfg`` laid out as ``layout``. ``bucket_elements``: the real
+    optimizer buckets' sizes, when known; by default megaclip's, counted from the model's shape."""
+    m = cfg.model
+    buckets = list(parameter_buckets(m, layout).values() if bucket_elements is None else bucket_elements)
+    shapes = parameter_shapes(m, layout.tp)
+    weights = sum(math.prod(shape) * weight_bytes(name, layout) for name, shape in shapes.items())
+    return MemoryPlan(params=weights, grads=weights, optimizer_state=optimizer_state_bytes(layout, buckets),
+                      activations=activation_bytes(m, layout).peak,
+                      optimizer_step=optimizer_step_bytes(m, layout, buckets))
+
+
+@dataclass(frozen=True)
+class Fit:
+    layout: Layout
+    plan: MemoryPlan
+    recomputed: float  # share of the layers' forward FLOPs run twice
+    fits: bool
+
+
+def least_recompute_fit(cfg, layout: Layout, budget: int) -> Fit:
+    """The checkpointing of each tower that keeps ``layout`` within ``budget`` bytes and recomputes the
+    fewest layer FLOPs; if none does, the leanest (``fits`` False). A tower's options, by recompute:
+    none, block k < L (block L recomputes more and keeps as much as block L - 1), then uniform k, which
+    recomputes every layer but keeps only every k-th input."""
+    m = cfg.model
+    static = plan_memory(cfg, layout.replace(vision_checkpointing=Checkpointing(), text_checkpointing=Checkpointing()))
+    e = _activation_bytes_per_element(m, layout)
+    loss, copies = _loss(m, layout), _autocast_copies(m, layout)
+    towers = {}
+    for name in ("vision", "text"):
+        tower, layers = m[name], m[name].num_layers
+        options = ([(Checkpointing(), 0)] + [(Checkpointing("block", k), k) for k in range(1, layers)]
+                   + [(Checkpointing("uniform", k), layers) for k in range(1, layers + 1)])
+        flops = _layer_flops(tower, layout.micro_batch, name == "vision")
+        towers[name] = [(c, recomputed * flops, _tower(tower, m.output_dim, c, layout, e, name == "vision"))
+                        for c, recomputed in options]
+    total_flops = sum(_layer_flops(m[n], layout.micro_batch, n == "vision") * m[n].num_layers for n in towers)
+
+    def attempt(vision_option, text_option) -> Fit:
+        (vision_ckpt, vision_flops, vision), (text_ckpt, text_flops, text) = vision_option, text_option
+        plan = dataclasses.replace(static, activations=_peak(copies, vision, text, loss))
+        trial = layout.replace(vision_checkpointing=vision_ckpt, text_checkpointing=text_ckpt)
+        return Fit(trial, plan, (vision_flops + text_flops) / total_flops, plan.total <= budget)
+
+    best = leanest = None
+    for vision_option in towers["vision"]:
+        for text_option in towers["text"]:
+            fit = attempt(vision_option, text_option)
+            if leanest is None or fit.plan.total < leanest.plan.total:
+                leanest = fit
+            if fit.fits:
+                if best is None or fit.recomputed < best.recomputed:
+                    best = fit
+                break  # the text options further on recompute more
+    return best or leanest
+
+
+def _layer_flops(tower, micro_batch: int, vision: bool) -> int:
+    """Forward FLOPs of one layer for one micro batch: the four linears and the attention products."""
+    h, f, seq = tower.hidden_size, tower.ffn_hidden_size, _sequence(tower, vision)
+    return micro_batch * seq * (8 * h * h + 4 * h * f + 4 * seq * h)
