@@ -40,7 +40,7 @@ def test_monitor_reports_progress_and_writes_its_files(tmp_path, capsys):
     assert match, lines[2]
     rate, per_gpu, wait = (float(match.group(i)) for i in (1, 2, 3))
     # 3 steps of 32 samples took at least the 0.12 s slept, and (on a busy machine too) far less than 3 s
-    assert 3 * 32 / 3 < rate < 3 * 32 / 0.12 and per_gpu == round(rate / 4, 1)
+    assert 3 * 32 / 3 < rate < 3 * 32 / 0.12 and abs(per_gpu - rate / 4) <= 0.06  # both printed to 0.1
     assert 15 < wait < 85  # about half of each step is spent waiting for data
     assert float(match.group(4)) > 0  # peak memory
     assert lines[5].startswith("step 6/6 loss 0.3333") and "skipped 7 mem" in lines[5] and lines[5].endswith("eta 00:00:00")
