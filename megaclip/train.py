@@ -106,8 +106,8 @@ def train(cfg, world_size: int) -> TrainResult:
     loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())
     autocast = precision.autocast(cfg, device)
 
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, loader=data.train)
-    resumed = checkpointing.resume(checkpoints, cfg=cfg, **state) if resuming else None
+    state = dict(model=model, optimizer=optimizer, loader=data.train)
+    resumed = checkpointing.resume(checkpoints, cfg=cfg, scheduler=scheduler, **state) if resuming else None
     first_step = resumed["step"] + 1 if resumed else 1
     monitor = TrainingMonitor(cfg, exp_dir=cfg.exp_manager.exp_dir, max_steps=t.max_steps,
                               global_batch_size=m.global_batch_size, devices=world_size,

@@ -49,7 +49,7 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: Path, step: int, *, model, optimizer, scheduler, loader, cfg, consumed_samples: int, keep: int) -> Path:
+def save(root: Path, step: int, *, model, optimizer, loader, cfg, consumed_samples: int, keep: int) -> Path:
     """Write ``root/step_<step>`` (a collective: every rank calls it)."""
     final = Path(root) / step_dir_name(step)
     staging = temporary(final)
