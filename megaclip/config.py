@@ -262,6 +262,9 @@ def validate(cfg: Any, world_size: int) -> None:
             f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
+    for key in ("max_steps", "log_every_n_steps", "val_check_interval"):
+        if cfg.trainer[key] < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")
     if m.megatron_amp_O2 and cfg.trainer.precision != "bf16":

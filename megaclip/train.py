@@ -140,7 +140,7 @@ def train(cfg, world_size: int) -> TrainResult:
         every = cfg.exp_manager.checkpoint.every_n_steps
         if (every and step % every == 0) or step == t.max_steps:
             checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
-                               keep=cfg.exp_manager.checkpoint.save_top_k, **state)
+                               keep=cfg.exp_manager.checkpoint.save_top_k, loss=result.losses[-1], **state)
 
     result.step = max(result.step, first_step - 1)
     final = result.evals[result.step] = evaluate(model, data, cfg, device, autocast)
@@ -148,7 +148,8 @@ def train(cfg, world_size: int) -> TrainResult:
     skipped = skipped_across_ranks(data.train, device, distributed.dp_group())
     monitor.print(f"skipped input: {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'})")
     monitor.close()
-    monitor.print(f"final: step={result.step} loss={result.losses[-1] if result.losses else float('nan'):.4f} "
+    last_loss = result.losses[-1] if result.losses else resumed["loss"]  # a finished run, resumed
+    monitor.print(f"final: step={result.step} loss={last_loss:.4f} "
                   f"i2t_R@1={final['i2t_R@1']:.4f} t2i_R@1={final['t2i_R@1']:.4f} chance_R@1={final['chance_R@1']:.4f}")
     return result
 

@@ -49,7 +49,8 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: Path, step: int, *, model, optimizer, loader, cfg, consumed_samples: int, keep: int) -> Path:
+def save(root: Path, step: int, *, model, optimizer, loader, cfg, consumed_samples: int, keep: int,
+         loss: float = float("nan")) -> Path:
     """Write ``root/step_<step>`` (a collective: every rank calls it)."""
     final = Path(root) / step_dir_name(step)
     staging = temporary(final)
@@ -66,7 +67,7 @@ def save(root: Path, step: int, *, model, optimizer, loader, cfg, consumed_sampl
                train_state_path(staging, rank))
     dist.barrier()
     if rank == 0:
-        write_meta(staging, cfg, {"step": step, "consumed_samples": consumed_samples,
+        write_meta(staging, cfg, {"step": step, "consumed_samples": consumed_samples, "loss": loss,
                                   "tensor_model_parallel_size": distributed.tp_size(),
                                   "data_parallel_size": distributed.dp_size(),
                                   "optimizer_sharded": bool(optimizer.state_is_sharded)})
