@@ -9,10 +9,13 @@ from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
 
+EIGHT_HEADS = ["model.vision.num_attention_heads=8", "model.text.num_attention_heads=8"]  # splittable up to TP=8
+
+
 def full_params_and_grads(linear_impl: str = "auto"):
     """Loss of one fixed batch, and every parameter and gradient gathered to full size."""
     tp = distributed.tp_size()
-    cfg = small_config(f"tp={tp}", f"model.linear_impl={linear_impl}")
+    cfg = small_config(f"tp={tp}", f"model.linear_impl={linear_impl}", *EIGHT_HEADS)
     distributed.seed_everything(7)
     model = CLIPModel(cfg.model)
     images, tokens = fixed_batch(cfg, batch=6)
@@ -38,7 +41,7 @@ def assert_same_model(actual, expected, exact_params=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item(), msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tp_matches_single_device(reference, tp):
     results = run_distributed(full_params_and_grads, tp, tp)
     for rank_result in results:  # every TP rank sees the whole model's loss and gradients
