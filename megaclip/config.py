@@ -271,7 +271,7 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError("model.megatron_amp_O2=True needs trainer.precision=bf16")
     if m.sequence_parallel:
         _validate_sequence_parallel(m, tp, patches)
-    _validate_data(m)
+    _validate_data(m, dp)
 
 
 def _validate_tower(name: str, t: Any, tp: int) -> None:
@@ -315,8 +315,9 @@ def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
     return min(candidates, key=lambda h: (abs(h - heads), h)) if candidates else None
 
 
-def _validate_data(m: Any) -> None:
-    from megaclip.data.shards import expand_shards, missing_shards
+def _validate_data(m: Any, dp: int) -> None:
+    from megaclip.data.loader import check_sources
+    from megaclip.data.shards import expand_shards, missing_shards, parse_sources
 
     d = m.data
     for key in ("train_shards", "val_shards"):
@@ -330,3 +331,8 @@ def _validate_data(m: Any) -> None:
             raise ConfigError(f"model.data.{key}: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
         if not expand_shards(pattern):
             raise ConfigError(f"model.data.{key}: no shard files found for '{pattern}'")
+    if d.train_shards is not None:
+        try:
+            check_sources(parse_sources(d.train_shards), d, dp)
+        except ValueError as e:
+            raise ConfigError(f"model.data.train_shards: {e}") from None

@@ -31,6 +31,15 @@ def test_bad_config_is_one_clear_line(monkeypatch, world, args, expected):
     assert "\n" not in str(e.value)
 
 
+def test_too_few_shards_for_epoch_mode_is_a_config_error(monkeypatch, tmp_path):
+    for i in range(3):
+        (tmp_path / f"train-{i}.tar").write_bytes(b"")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="3 train shards cannot feed 2 data-parallel ranks x 2 loader workers: "
+                                          "need at least 4 shards"):
+        config_from_argv([f"model.data.train_shards={tmp_path}/train-{{0..2}}.tar", "model.data.num_workers=2"])
+
+
 def test_aliases_and_dotted_overrides(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = config_from_argv(["tp=2", "model.optim.lr=0.01", "steps=7"])

@@ -159,19 +159,27 @@ def skipped_across_ranks(loader: TrainLoader, device, dp_group=None) -> Dict[str
     return {kind: int(n) for kind, n in zip(SKIP_KINDS, totals.tolist()) if n}
 
 
+def check_sources(sources, data_cfg, dp_size: int) -> None:
+    """ValueError (one line) for sources epoch mode cannot read: weights, or too few shards to give
+    every data-parallel rank's every loader worker one (where open_clip hangs)."""
+    if data_cfg.resampled:
+        return
+    readers = max(1, data_cfg.num_workers)
+    if len({source.weight for source in sources}) > 1:
+        raise ValueError("source weights need model.data.resampled=true: an epoch reads every shard once")
+    shard_count = sum(len(source.shards) for source in sources)
+    if shard_count < dp_size * readers:
+        raise ValueError(f"{shard_count} train shards cannot feed {dp_size} data-parallel ranks x {readers} "
+                         f"loader workers: need at least {dp_size * readers} shards (or resampled=true)")
+
+
 def build_train_loader(shards, data_cfg, *, dp_rank: int, dp_size: int, micro_batch_size: int,
                        image_transform, tokenizer, seed: int) -> TrainLoader:
     """The train loader of one data-parallel rank. shards: see shards.parse_sources. data_cfg: the
     model.data config section. image_transform is called as image_transform(pil_image, rng)."""
     sources = parse_sources(shards)
+    check_sources(sources, data_cfg, dp_size)
     readers = max(1, data_cfg.num_workers)
-    shard_count = sum(len(source.shards) for source in sources)
-    if not data_cfg.resampled:
-        if len({source.weight for source in sources}) > 1:
-            raise ValueError("source weights need model.data.resampled=true: an epoch reads every shard once")
-        if shard_count < dp_size * readers:
-            raise ValueError(f"{shard_count} train shards cannot feed {dp_size} data-parallel ranks x {readers} "
-                             f"loader workers: need at least {dp_size * readers} shards (or resampled=true)")
     stream = _TrainStream(
         sources, resampled=data_cfg.resampled, seed=seed, dp_rank=dp_rank, dp_size=dp_size, readers=readers,
         batch_size=micro_batch_size, shuffle_buffer=data_cfg.shuffle_buffer, shuffle_window=data_cfg.shuffle_window,
