@@ -331,6 +331,13 @@ def _validate_data(m: Any, dp: int) -> None:
             raise ConfigError(f"model.data.{key}: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
         if not expand_shards(pattern):
             raise ConfigError(f"model.data.{key}: no shard files found for '{pattern}'")
+    tok = m.text.tokenizer
+    if tok.library not in ("sentencepiece", "clip_bpe"):
+        raise ConfigError(f"model.text.tokenizer.library must be sentencepiece or clip_bpe, got '{tok.library}'")
+    if tok.library == "sentencepiece" and tok.model is None and d.synthetic_dir is None:
+        raise ConfigError("model.text.tokenizer.model is not set (a sentencepiece model file; tools/train_tokenizer.py makes one)")
+    if tok.model is not None and not Path(tok.model).is_file():
+        raise ConfigError(f"model.text.tokenizer.model: no such file {tok.model}")
     if d.train_shards is not None:
         try:
             check_sources(parse_sources(d.train_shards), d, dp)

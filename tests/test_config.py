@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (2, ["mbs=16"], "micro_batch_size 16 x data-parallel size 2 != global_batch_size 64"),
     (1, ["model.data.train_shards=/nonexistent/train-{000000..000003}.tar"], "shard file(s) missing, e.g. /nonexistent/train-000000.tar"),
     (1, ["model.vision.bogus=1"], "bogus"),
+    (1, ["model.text.tokenizer.library=wordpiece"], "tokenizer.library must be sentencepiece or clip_bpe"),
+    (1, ["model.text.tokenizer.model=/nonexistent.model"], "no such file /nonexistent.model"),
     (1, ["model.vision.hidden_size=wide"], "hidden_size"),
     (1, ["--config-name", "no_such_config"], "config file not found"),
     (4, ["--config-name", "clip_g14", "tp=4"], "possible tp: [1, 2, 11, 22]; or use num_attention_heads=16"),
