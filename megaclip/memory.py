@@ -32,21 +32,22 @@ Activations of one micro batch, attention by flash/SDPA kernels (no s×s scores 
 PyTorch keeps and frees them. Bytes per element: c = 2 under bf16, else 4; r, the residual stream and
 LayerNorm inputs, = 4 under bf16 autocast (no O2: CUDA autocast runs LayerNorm in fp32, and fp32 +
 bf16 adds to fp32), else c; m = 4 under autocast with megatron-core's linears (t > 1 without sequence
-parallelism: they save their fp32 input and add their fp32 bias after the bf16 matmul, so the MLP
-runs in fp32), else c. A full layer keeps
+parallelism: their autograd functions save the fp32 input that autocast casts only inside the
+matmul), else c. (On CPU megaclip runs megatron-core's linears in fp32 under autocast; these figures
+are CUDA's.) A full layer keeps
     2·T·h·r/q   the LN inputs; the first is the layer input, in = T·h·r/q, all a checkpoint keeps
     2·T·h·m     the LN outputs as qkv and fc save them (after the sequence all-gather: whole)
     16·T/q      LN mean and rstd, fp32                   [+ 2·T·h/q bool masks with hidden dropout]
     4·T·h·c/t   q, k, v and the attention output (the same tensor is the proj input)
     4·T·n/t     attention log-sum-exp, fp32
-    2·T·f·m/t   fc output and GELU output, the proj input (quick_gelu also its sigmoid: 3·T·f·m/t)
+    2·T·f·c/t   fc output and GELU output, the proj input (quick_gelu also its sigmoid: 3·T·f·c/t)
 A tower of L layers, k = activations_checkpoint_num_layers, keeps at the end of the forward
     none: L full;   uniform: ceil(L/k) inputs;   block: min(k, L) inputs + (L - k)+ full
 and, when its backward reaches the layers, the most of these (inputs waiting, full layers):
     none: (0, L);   uniform: (j, layers of chunk j) for every chunk j;   block: (k, L - k), (k - 1, 1)
 (a recomputed chunk's own input is its first layer's), plus one layer's backward working set:
-(T·f·m + f·h·c)/t, proj's input and weight gradients (under autocast +4 bytes per weight element,
-its fp32 cast), + in, the residual stream's gradient [+ T·h·m under sequence parallelism, proj's
+(T·f·c + f·h·c)/t, proj's input and weight gradients (under autocast +4 bytes per weight element,
+its fp32 cast), + in, the residual stream's gradient [+ T·h·c under sequence parallelism, proj's
 output gradient all-gathered]. By the time GELU's and attention's backward allocate, as much is freed.
 Around the layers, whole on every TP rank: vision's start keeps the conv input b·3·H·W·c, the ln_pre
 input T·h·r and its stats 8·T; text's start the token ids 8·b·ctx. A tower's head keeps the final
@@ -297,14 +298,14 @@ def _layer(tower, tokens: int, layout: Layout, e: _Bytes) -> Tuple[int, int, int
     outside = 2 * layer_input + 2 * tokens * h * e.linear + 16 * tokens // q
     if tower.hidden_dropout > 0:
         outside += 2 * tokens * h // q
-    inside = tokens * (4 * h * e.compute + 4 * n + _ACTIVATION_TENSORS[tower.activation] * f * e.linear) // t
+    inside = tokens * (4 * h * e.compute + 4 * n + _ACTIVATION_TENSORS[tower.activation] * f * e.compute) // t
     # The MLP's backward: proj's input and weight gradients, next to the residual stream's gradient
     # (and, under sequence parallelism, proj's output gradient all-gathered to the whole sequence). By
     # the time GELU's and attention's backward allocate, tensors as large have been freed.
     weight_grad = f * h * (e.compute + (4 if layout.autocast else 0))  # autocast casts it to fp32 too
-    working = (tokens * f * e.linear + weight_grad) // t + layer_input
+    working = (tokens * f * e.compute + weight_grad) // t + layer_input
     if layout.sequence_parallel:
-        working += tokens * h * e.linear
+        working += tokens * h * e.compute
     return layer_input, outside + inside, working
 
 

@@ -63,12 +63,16 @@ class RowLinear(RowParallelLinear):
 
 
 def megatron_forward(forward, x: torch.Tensor) -> torch.Tensor:
-    """megatron-core declares its linears' autocast behaviour for CUDA only, so under CPU autocast
-    their backward meets bf16 gradients and fp32 weights: on CPU they run in fp32 instead."""
+    """A megatron-core linear built with skip_bias_add, its bias added here in the output's dtype:
+    megatron-core would add the fp32 bias to the bf16 output of an autocast matmul, making that output,
+    and every activation after it, fp32. It also declares its autocast behaviour for CUDA only, so
+    under CPU autocast its backward would meet bf16 gradients and fp32 weights: on CPU it runs in fp32."""
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return forward(x.float())[0]
-    return forward(x)[0]
+            out, bias = forward(x.float())
+    else:
+        out, bias = forward(x)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 class TorchLinear(nn.Linear):
@@ -106,14 +110,14 @@ class Linears:
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
         return ColumnLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
-                            gather_output=False, skip_bias_add=False, sequence_parallel=self.sequence_parallel,
+                            gather_output=False, skip_bias_add=True, sequence_parallel=self.sequence_parallel,
                             disable_grad_reduce=self.sequence_parallel)
 
     def row(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True) -> nn.Module:
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
         return RowLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
-                         input_is_parallel=True, skip_bias_add=False, sequence_parallel=self.sequence_parallel)
+                         input_is_parallel=True, skip_bias_add=True, sequence_parallel=self.sequence_parallel)
 
     def vocab_embedding(self, vocab_size: int, dim: int, std: float) -> nn.Module:
         """Token embedding split over the vocabulary, padded to a multiple of 128 x TP.
