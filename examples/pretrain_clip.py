@@ -3,6 +3,7 @@
 The config is checked against the world size before any process group starts; a bad one ends the run
 with one line and exit code 2.
 """
+import os
 import sys
 
 from megaclip.config import ConfigError, config_from_argv, world_size_from_env
@@ -11,7 +12,8 @@ if __name__ == "__main__":
     try:
         cfg = config_from_argv(sys.argv[1:])
     except ConfigError as e:
-        print(f"megaclip: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
+            print(f"megaclip: error: {e}", file=sys.stderr)
         sys.exit(2)
     from megaclip.train import main  # torch and megatron-core load only once the config is sound
 
