@@ -191,7 +191,12 @@ def test_activation_peak_matches_live_tensors(overrides):
                          ids=["tp2", "tp2-sequence-parallel"])
 def test_activation_peak_matches_live_tensors_at_tp2(overrides):
     for measured, planned in run_distributed(activation_peak, 2, 2, overrides):
-        assert planned == pytest.approx(measured, rel=3e-3)
+        if overrides:
+            # gloo's worker thread holds a sequence collective's input until it lets go of the work,
+            # sometimes past the next allocation: up to two such inputs (~4 %) above the plan here.
+            assert -3e-3 <= (measured - planned) / planned <= 0.04
+        else:
+            assert planned == pytest.approx(measured, rel=3e-3)
 
 
 def step_transients(overrides):
