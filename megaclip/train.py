@@ -72,14 +72,12 @@ def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
         task = data.synthetic_zeroshot
         tasks.append((f"synthetic_{z.synthetic}", task.classnames, task.templates, task.batches(data.val())))
     if z.folder or z.shards:
-        classes, templates = zeroshot.read_class_names(z.classes), zeroshot.read_templates(z.templates or zeroshot.OPENAI_TEMPLATES)
-        dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
-        batches = (zeroshot.image_folder_batches(z.folder, data.eval_transform, batch_size=cfg.model.data.eval_batch_size,
-                                                 dp_rank=dp_rank, dp_size=dp_size) if z.folder else
-                   ((b.images, b.labels) for b in build_eval_loader(
-                       z.shards, cfg.model.data, dp_rank=dp_rank, dp_size=dp_size, batch_size=cfg.model.data.eval_batch_size,
-                       image_transform=data.eval_transform, tokenizer=data.tokenizer, label_key=z.label_key)))
-        tasks.append(("classes", classes, templates, batches))
+        batches = zeroshot.labelled_batches(folder=z.folder, shards=z.shards, data_cfg=cfg.model.data,
+                                            image_transform=data.eval_transform, tokenizer=data.tokenizer,
+                                            batch_size=cfg.model.data.eval_batch_size, label_key=z.label_key,
+                                            dp_rank=distributed.dp_rank(), dp_size=distributed.dp_size())
+        tasks.append(("classes", zeroshot.read_class_names(z.classes),
+                      zeroshot.read_templates(z.templates or zeroshot.OPENAI_TEMPLATES), batches))
     for name, classes, templates, batches in tasks:
         classifier = zeroshot.zeroshot_classifier(model, classes, templates, data.tokenizer, device, autocast, dp_group)
         results = zeroshot.evaluate_zeroshot(model, classifier, batches, device, autocast, dp_group)

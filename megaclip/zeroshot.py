@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES
 
 OPENAI_TEMPLATES = Path(__file__).resolve().parent / "data" / "templates" / "openai_imagenet_templates.txt"
@@ -133,6 +134,17 @@ def image_folder_batches(root, image_transform, *, batch_size: int, dp_rank: int
         raise FileNotFoundError(f"no images in class subfolders of {root}")
     return DataLoader(_ImageFiles(items[dp_rank::dp_size], classes, image_transform), batch_size=batch_size,
                       num_workers=num_workers)
+
+
+def labelled_batches(*, folder=None, shards=None, data_cfg, image_transform, tokenizer, batch_size: int,
+                     label_key: str = "cls", dp_rank: int = 0, dp_size: int = 1) -> Iterable:
+    """(images, labels) batches of an image folder, or else of shards whose samples carry a label in
+    ``label_key``: this data-parallel rank's share."""
+    if folder:
+        return image_folder_batches(folder, image_transform, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    loader = build_eval_loader(shards, data_cfg, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
+                               image_transform=image_transform, tokenizer=tokenizer, label_key=label_key)
+    return ((batch.images, batch.labels) for batch in loader)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from tests.data_helpers import write_bad_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +74,21 @@ def test_bad_input_is_skipped_counted_and_reported(tmp_path):
     assert report.startswith(f"skipped input: {sum(counts.values())} ")
     progress = [line for line in lines if line.startswith("step ")]
     assert progress and all(" skipped " in line for line in progress)
+
+
+def test_zero_shot_classes_from_a_folder_during_training(tmp_path):
+    folder = tmp_path / "classes"
+    for label, colour in enumerate(("red", "blue")):
+        (folder / colour).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (200, 0, 0) if label == 0 else (0, 0, 200)).save(folder / colour / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    proc = subprocess.run(command(tmp_path / "data", tmp_path / "run", "tp=1", "steps=4",
+                                  f"model.data.zeroshot.folder={folder}", f"model.data.zeroshot.classes={tmp_path / 'classes.txt'}",
+                                  nproc=1), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final_eval = [line for line in proc.stdout.splitlines() if line.startswith("eval step 4:")][0]
+    metric = lambda name: float(final_eval.split(f"{name}=")[1].split()[0])
+    assert abs(metric("zeroshot_classes_top1") * 6 - round(metric("zeroshot_classes_top1") * 6)) < 1e-3  # k of 6 images
+    assert metric("zeroshot_classes_top5") == 1.0  # 2 classes: every label lies in the top 5
+    assert "zeroshot_synthetic_colour_top1=" in final_eval

@@ -21,7 +21,7 @@ from megaclip.data.transforms import transforms_from_config
 from megaclip.distributed import pick_device
 from megaclip.evaluate import evaluate_retrieval
 from megaclip.monitor import format_metrics
-from megaclip.zeroshot import (OPENAI_TEMPLATES, evaluate_zeroshot, image_folder_batches, read_class_names,
+from megaclip.zeroshot import (OPENAI_TEMPLATES, evaluate_zeroshot, image_folder_batches, labelled_batches, read_class_names,
                                read_templates, synthetic_task, zeroshot_classifier)
 
 
@@ -52,11 +52,8 @@ def main() -> None:
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     _, transform = transforms_from_config(m.vision)
 
-    def shards_loader(shards, **kw):
-        return build_eval_loader(shards, m.data, dp_rank=0, dp_size=1, batch_size=args.batch_size,
-                                 image_transform=transform, tokenizer=tokenizer, **kw)
-
-    val = shards_loader(args.val_shards or sources.val_shards)
+    val = build_eval_loader(args.val_shards or sources.val_shards, m.data, dp_rank=0, dp_size=1,
+                            batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
     report("retrieval", evaluate_retrieval(model, val, device, autocast))
     if val.skipped:
         report("skipped in the val split", val.skipped)
@@ -75,7 +72,8 @@ def main() -> None:
                              f"{args.classes} {len(classnames)} names")
             report("zeroshot folder", evaluate_zeroshot(model, classifier, batches, device, autocast))
         if args.zeroshot_shards:
-            labelled = ((b.images, b.labels) for b in shards_loader(args.zeroshot_shards, label_key=args.label_key))
+            labelled = labelled_batches(shards=args.zeroshot_shards, data_cfg=m.data, image_transform=transform,
+                                        tokenizer=tokenizer, batch_size=args.batch_size, label_key=args.label_key)
             report("zeroshot shards", evaluate_zeroshot(model, classifier, labelled, device, autocast))
 
 
