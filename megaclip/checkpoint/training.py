@@ -104,7 +104,11 @@ def resume(root: Path, *, model, optimizer, scheduler, loader, cfg) -> Optional[
         train_state = load_torch(train_state_path(directory, dist.get_rank()))
         set_rng_state(train_state["rng"])
         if train_state["loader"] is not None:
-            loader.load_state_dict(train_state["loader"])
+            try:
+                loader.load_state_dict(train_state["loader"])
+            except ValueError as e:  # the data settings changed since the save: the stream starts afresh
+                if distributed.is_main():
+                    print(f"data position not restored: {e}", flush=True)
     else:
         distributed.seed_everything(cfg.model.seed + meta["step"])
     return meta
