@@ -231,8 +231,9 @@ def micro_batch_size(cfg: Any, world_size: int) -> int:
     return cfg.model.micro_batch_size or cfg.model.global_batch_size // data_parallel_size(cfg, world_size)
 
 
-def validate(cfg: Any, world_size: int) -> None:
-    """Raise ConfigError (one line) for any configuration that cannot run at this world size."""
+def validate(cfg: Any, world_size: int, data: bool = True) -> None:
+    """Raise ConfigError (one line) for any configuration that cannot run at this world size;
+    ``data=False`` leaves out the data settings (for runs on random batches)."""
     m = cfg.model
     tp = m.tensor_model_parallel_size
     if tp < 1:
@@ -271,7 +272,8 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError("model.megatron_amp_O2=True needs trainer.precision=bf16")
     if m.sequence_parallel:
         _validate_sequence_parallel(m, tp, patches)
-    _validate_data(m, dp)
+    if data:
+        _validate_data(m, dp)
 
 
 def _validate_tower(name: str, t: Any, tp: int) -> None:

@@ -1,6 +1,7 @@
 """Step time and peak memory of training steps, one row per setting, printed as a table.
 
     python tools/benchmark.py [--config-name clip_tiny] [--steps 20] [--nproc 2] [key=value ...]
+    python tools/benchmark.py --config-name clip_L14 --nproc 1 gbs=128 trainer.compile=true
 
 Each row runs in its own torchrun job (so peak memory is that setting's alone) on random batches, no
 data loading: it measures the model, loss and optimizer. Peak memory is torch.cuda.max_memory_allocated
@@ -43,7 +44,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
 
     cfg = load_config(config_name, overrides)
     world = world_size_from_env()
-    validate(cfg, world)
+    validate(cfg, world, data=False)
     device = distributed.init(cfg.model.tensor_model_parallel_size, cfg.trainer.device)
     distributed.seed_everything(cfg.model.seed)
     model = precision.prepare_model(CLIPModel(cfg.model), cfg).to(device)
