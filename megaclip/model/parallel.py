@@ -193,24 +193,17 @@ class _GatherSequence(torch.autograd.Function):
         return (_reduce_scatter_seq(grad) if ctx.grad_is_partial else _split_seq(grad)), None
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
+class _ToSequenceShard(torch.autograd.Function):
+    """Forward: this rank's part of the sequence, summed over TP (``reduce``) or taken as it is;
+    backward: the gradient all-gathered."""
+
     @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter_seq(x)
+    def forward(ctx, x, reduce):
+        return _reduce_scatter_seq(x) if reduce else _split_seq(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_seq(grad)
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_seq(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad)
+        return _all_gather_seq(grad), None
 
 
 def gather_sequence(x: torch.Tensor, grad_is_partial: bool) -> torch.Tensor:
@@ -220,11 +213,11 @@ def gather_sequence(x: torch.Tensor, grad_is_partial: bool) -> torch.Tensor:
 
 
 def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
-    return _ReduceScatterSequence.apply(x)
+    return _ToSequenceShard.apply(x, True)
 
 
 def scatter_sequence(x: torch.Tensor) -> torch.Tensor:
-    return _ScatterSequence.apply(x)
+    return _ToSequenceShard.apply(x, False)
 
 
 def mark_sequence_parallel(*modules_or_params) -> None:
