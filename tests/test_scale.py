@@ -58,29 +58,70 @@ def test_distributed_fused_adam_equals_plain_adamw_on_one_process(plain_adamw, w
     ref_losses, ref_norms, ref_params = plain_adamw
     assert max(ref_norms) > 0.5  # clipping was active
     for losses, norms, params in run_distributed(summary, world, tp, ["model.optim.name=distributed_fused_adam"], 5):
-        assert losses == pytest.approx(ref_losses, rel=1e-5)
-        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        # Other layouts sum gradients (and norms) in other orders: each step's result moves by a few
+        # fp32 roundings of the parameters (eps = 1.2e-7). Adam passes a relative change of the
+        # gradient on to its update unamplified (m / sqrt(v) is scale-free) except where |g| is near
+        # its eps (1e-6), and there the update lr * g / eps is itself tiny; so five steps stay within
+        # 5 steps * ~1.5 eps ~ 1e-6 of the model's norm.
         assert relative_error(params, ref_params) <= 1e-6
+        # The loss is cross-entropy over logits s * cos with s = 1 / 0.07 ~ 14: features that moved
+        # by the parameters' relative 1e-6 move it by at most 2 * 14 * 1e-6 on a loss of ~ln 8 ~ 2.
+        assert losses == pytest.approx(ref_losses, rel=2e-5)
+        # A gradient is a sum of terms as large as the first steps' gradients that later cancel to a
+        # smaller norm; its rounding scales with the terms, so the bound is relative to the largest norm.
+        assert norms == pytest.approx(ref_norms, abs=1e-5 * max(ref_norms))
 
 
-def test_distributed_fused_adam_equals_plain_adamw_tensor_by_tensor_at_dp2():
-    # One process sums gradients in another order than DP=2 does, and Adam's division by sqrt(v)
-    # magnifies that rounding on near-zero gradients to ~1e-4 of some small tensors (plain AdamW at
-    # DP=2 shows the same); at the same layout the two optimizers must agree element by element.
-    plain = run_distributed(summary, 2, 1, ["model.optim.name=fused_adam"], 5)[0][2]
-    for _, _, params in run_distributed(summary, 2, 1, ["model.optim.name=distributed_fused_adam"], 5):
+FP32_EPS = torch.finfo(torch.float32).eps  # 2**-23: one rounding errs by at most half of it
+
+
+def one_step_from_given_gradients(optimizer_name):
+    """(lr, gradient norm, full-size parameters) after one clipped step of ``optimizer_name`` from the
+    gradients of a separate plain model with the same weights, so that both optimizers start from
+    bitwise the same parameters and gradients (the same kernels ran on the same inputs to make them)."""
+    cfg = small_config(f"tp={distributed.tp_size()}", "model.optim.grad_clip=0.5", f"model.optim.name={optimizer_name}")
+    distributed.seed_everything(5)
+    source = CLIPModel(cfg.model)
+    distributed.seed_everything(5)
+    model = CLIPModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    per_rank = GLOBAL_BATCH // distributed.dp_size()
+    rows = slice(distributed.dp_rank() * per_rank, (distributed.dp_rank() + 1) * per_rank)
+    images, tokens = fixed_batch(cfg, GLOBAL_BATCH)
+    ClipLoss(group=distributed.dp_group())(*source(images[rows], tokens[rows])).backward()
+    for p, given in zip(model.parameters(), source.parameters()):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(given.grad)  # the distributed optimizer's .grad are views into its buckets
+    norm = optimizer.finish_gradients(cfg.model.optim.grad_clip).item()
+    optimizer.step()
+    return cfg.model.optim.lr, norm, {name: value.float() for name, (value, _) in full_tensors(model, cfg).items()}
+
+
+@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
+def test_distributed_fused_adam_equals_plain_adamw_tensor_by_tensor(world, tp):
+    """One step at the same layout, element by element, to a bound that follows from fp32 rounding.
+
+    The two optimizers get bitwise the same parameters and averaged gradients (a sum of two is
+    exact in either order) but differ in two ways: the gradient norm is summed per bucket instead of
+    per tensor, so the clip coefficient differs by its relative change dc (measured: the two returned
+    norms); and torch's fused AdamW runs over one flat shard instead of tensor by tensor, so elements
+    fall on other vector / scalar-tail code paths (FMA or not, AVX2 or AVX-512). Adam's first update is
+    u = m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps): |u| < 1, and scaling g by (1 + dc) moves u by at
+    most dc. Each kernel computes u in about ten fp32 roundings (within 8 eps of exact, so the two within
+    16 eps) and then p * (1 - lr * wd) - lr * u in two more (within 2 eps of |p| + lr each). So per
+    element |p_a - p_b| <= lr * (dc + 16 eps) + 4 eps * (|p| + lr). Several steps cannot be compared this
+    way: Adam divides by sqrt(v), which turns rounding differences of gradients near zero into update
+    differences that grow with every step; the whole-model test above covers five steps."""
+    lr, plain_norm, plain = run_distributed(one_step_from_given_gradients, world, tp, "fused_adam")[0]
+    for _, norm, params in run_distributed(one_step_from_given_gradients, world, tp, "distributed_fused_adam"):
+        # Both norms sum squares (positive terms, so no cancellation): pairwise within a tensor or
+        # bucket (at most log2(numel) < 20 roundings deep), then at most ~70 partial sums in a row;
+        # each is within 90 * 2**-24 < 6e-6 of exact, and the square root halves that.
+        dc = abs(norm - plain_norm) / min(norm, plain_norm)
+        assert dc <= 6e-6
         for name, value in params.items():
-            value, ref = without_key_bias(name, value), without_key_bias(name, plain[name])
-            torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item(), msg=name)
-
-
-def without_key_bias(name, tensor):
-    """The key bias gets a zero gradient in exact arithmetic (softmax ignores a shift shared by all
-    keys), so Adam, dividing by sqrt(v), turns its rounding noise into updates of size lr * noise / eps
-    that no two summation orders share. Compare the query and value biases only."""
-    if not name.endswith("attn.qkv.bias"):
-        return tensor
-    return tensor.view(-1, 3, tensor.numel() // 12)[:, [0, 2]]  # [heads, (q, k, v), head_dim]; 4 heads
+            torch.testing.assert_close(value, plain[name], rtol=4 * FP32_EPS, atol=lr * (dc + 20 * FP32_EPS), msg=name)
 
 
 def optimizer_state_numel(overrides):
