@@ -1,6 +1,7 @@
 """Retrieval on a held-out split: image->text and text->image recall@k and mean rank, where an image
 may have several captions (loader.EvalBatch). An image counts as retrieved within k if ANY of its
-captions ranks within k; a caption, if its own image does.
+captions ranks within k; a caption, if its own image does. A wrong candidate that scores as high as
+the right one ranks ahead of it.
 
 Every data-parallel rank encodes its share and gathers all features as candidates, ranks its own
 queries against them, and the per-rank totals are summed over the DP group.
@@ -17,10 +18,12 @@ _CHUNK = 1024  # query rows scored at once, bounding the similarity block in mem
 
 
 def best_positive_rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's best-scoring positive candidate: the number of candidates that
-    score strictly higher (so ties are resolved in the query's favour). scores, positive: [Q, C]."""
+    """0-based rank of each query's best-scoring positive candidate: the number of negative
+    candidates that do not score strictly lower. Ties (and NaN scores) count against the query, so
+    features that cannot tell candidates apart, collapsed or constant, score zero, never perfect.
+    scores, positive: [Q, C]."""
     best = scores.masked_fill(~positive, float("-inf")).max(dim=1).values
-    return (scores > best.unsqueeze(1)).sum(dim=1)
+    return (~(scores < best.unsqueeze(1)) & ~positive).sum(dim=1)
 
 
 def _i2t_ranks(images, texts, caption_image, first_image: int) -> torch.Tensor:

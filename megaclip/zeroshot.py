@@ -82,10 +82,14 @@ def zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[st
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> Dict[int, int]:
-    """How many rows have their label among the k highest logits, for each k."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == labels.unsqueeze(1)
-    return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
+    """How many rows have their label among the k highest logits, for each k. Another class whose
+    logit is not strictly lower (a tie, or NaN) ranks ahead of the label, so a classifier that cannot
+    tell classes apart scores zero, never perfect."""
+    label_logit = logits.gather(1, labels.unsqueeze(1))
+    ahead = ~(logits < label_logit)
+    ahead.scatter_(1, labels.unsqueeze(1), False)
+    rank = ahead.sum(dim=1)
+    return {k: int((rank < k).sum()) for k in ks}
 
 
 @torch.no_grad()

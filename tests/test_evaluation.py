@@ -53,14 +53,16 @@ def eval_batches(images, caption_image, batch_size):
 
 
 def brute_force_retrieval(similarity, caption_image):
+    """Ranks by counting: how many wrong candidates score at least as high as the best right one."""
     images, captions = similarity.shape
     i2t, t2i = [], []
     for i in range(images):
-        order = sorted(range(captions), key=lambda c: -similarity[i, c])
-        i2t.append(next(r for r, c in enumerate(order) if caption_image[c] == i))
+        right = [c for c in range(captions) if caption_image[c] == i]
+        best = max(similarity[i, c] for c in right)
+        i2t.append(sum(1 for c in range(captions) if c not in right and similarity[i, c] >= best))
     for c in range(captions):
-        order = sorted(range(images), key=lambda i: -similarity[i, c])
-        t2i.append(order.index(int(caption_image[c])))
+        best = similarity[caption_image[c], c]
+        t2i.append(sum(1 for i in range(images) if i != caption_image[c] and similarity[i, c] >= best))
     out = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         out.update({f"{name}_R@{k}": sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)})
@@ -80,6 +82,29 @@ def test_retrieval_on_a_hand_made_matrix_with_several_captions_per_image():
                                      "t2i_R@1": 3 / 5, "t2i_R@5": 1.0, "t2i_R@10": 1.0, "t2i_mean_rank": 1.6,
                                      "chance_R@1": 1 / 3})
     assert metrics == pytest.approx(brute_force_retrieval(similarity, caption_image))
+
+
+def test_ties_count_against_the_positive():
+    similarity = torch.tensor([[0.5, 0.5, 0.2],
+                               [0.1, 0.3, 0.3]])
+    caption_image = torch.tensor([0, 1, 1])
+    metrics = retrieval_metrics(similarity, torch.eye(3), caption_image)
+    # i2t: image 0 ties its caption 0 with a wrong one (caption 1): 2nd; image 1's two captions tie: 1st.
+    # t2i: captions 0 and 2 find their image first; caption 1 scores higher with image 0: 2nd.
+    assert metrics == pytest.approx({"i2t_R@1": 1 / 2, "i2t_R@5": 1.0, "i2t_R@10": 1.0, "i2t_mean_rank": 1.5,
+                                     "t2i_R@1": 2 / 3, "t2i_R@5": 1.0, "t2i_R@10": 1.0, "t2i_mean_rank": 4 / 3,
+                                     "chance_R@1": 1 / 2})
+    assert metrics == pytest.approx(brute_force_retrieval(similarity, caption_image))
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan")], ids=["constant", "nan"])
+def test_features_that_cannot_tell_candidates_apart_score_no_hits(value):
+    images, texts, caption_image = random_split()
+    metrics = retrieval_metrics(torch.full_like(images, value), torch.full_like(texts, value), caption_image)
+    assert metrics["i2t_R@1"] == metrics["t2i_R@1"] == 0.0 <= metrics["chance_R@1"]
+    assert metrics["i2t_mean_rank"] == pytest.approx(len(texts) - len(texts) / len(images) + 1)  # the worst
+    logits = torch.full((7, 5), value)
+    assert topk_correct(logits, torch.randint(0, 5, (7,)), ks=(1, 4, 5)) == {1: 0, 4: 0, 5: 7}
 
 
 def random_split(seed=0, images=23, captions=60, dim=6):
