@@ -1,8 +1,10 @@
 """The command-line tools: make_shards folder, train_tokenizer, evaluate."""
 import csv
+import importlib.util
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,3 +115,70 @@ def test_evaluate_a_checkpoint(tmp_path, synthetic):
     assert 1 <= float(retrieval["i2t_mean_rank"]) <= 432
     assert re.fullmatch(r"top1=[\d.]+ top5=[\d.]+ images=432", lines["zeroshot synthetic colour"])
     assert re.fullmatch(r"top1=[\d.]+ top5=1.0000 images=6", lines["zeroshot folder"])  # 2 classes
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic):
+    cfg = small_config("model.text.vocab_size=64", "model.text.encoder_seq_length=16",
+                       f"model.data.synthetic_dir={os.path.dirname(synthetic.tokenizer_model)}")
+    root = tmp_path_factory.mktemp("run") / "checkpoints"
+    write_model_checkpoint(root, full_state_dict(CLIPModel(cfg.model), 64), cfg, tp=1)
+    return root
+
+
+def _truncated_checkpoint(tmp_path, checkpoint):
+    copy = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    shard = copy / "step_0000000" / "model" / "tp_00.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return ["--checkpoint", copy]
+
+
+def _empty_val_shards(tmp_path, checkpoint):
+    (tmp_path / "val-0.tar").write_bytes(b"")
+    return ["--checkpoint", checkpoint, "--val-shards", tmp_path / "val-0.tar"]
+
+
+def _class_folder(tmp_path):
+    for name in ("circle", "square"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        noise_image(0).save(tmp_path / "folder" / name / "0.png")
+    return tmp_path / "folder"
+
+
+BAD_EVALUATE_INPUT = {  # case: (arguments, the error line)
+    "missing checkpoint": (lambda tmp, ckpt: ["--checkpoint", tmp / "nowhere"], r"no checkpoint at .*nowhere"),
+    "empty checkpoint directory": (lambda tmp, ckpt: ["--checkpoint", tmp], r"no checkpoint at "),
+    "truncated checkpoint": (_truncated_checkpoint, r"checkpoint file unreadable: .*tp_00\.pt"),
+    "empty val shards": (_empty_val_shards, r"no usable samples in the val split .*val-0\.tar \(skipped: bad_shards=1\)"),
+    "val shards that do not exist": (lambda tmp, ckpt: ["--checkpoint", ckpt, "--val-shards", tmp / "v-{0..1}.tar"],
+                                     r"2 shard\(s\) of .* do not exist"),
+    "missing class file": (lambda tmp, ckpt: ["--checkpoint", ckpt, "--zeroshot-folder", _class_folder(tmp),
+                                              "--classes", tmp / "classes.txt"], r"\[Errno 2\] No such file or directory: .*classes\.txt"),
+    "class file that does not fit the folder": (
+        lambda tmp, ckpt: ["--checkpoint", ckpt, "--zeroshot-folder", _class_folder(tmp), "--classes",
+                           (tmp / "three.txt").write_text("a\nb\nc\n") and tmp / "three.txt"],
+        r".*folder has 2 class folders, .*three\.txt 3 names"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EVALUATE_INPUT)
+def test_evaluate_bad_input_is_one_line_and_exit_code_2(case, tmp_path, checkpoint, capsys):
+    arguments, message = BAD_EVALUATE_INPUT[case]
+    code = load_tool("evaluate").main([str(a) for a in arguments(tmp_path, checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.match(r"evaluate: error: " + message, err) and err.count("\n") == 1, err
+
+
+def test_evaluate_error_exit_code_of_the_process(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--checkpoint", str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("evaluate: error: no checkpoint at ")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""

@@ -8,11 +8,16 @@
 
 Zero-shot labels: an image folder's i-th class subfolder in sorted order is class i; shards carry the
 label in --label-key. --classes: one name per line, or `index<TAB>name` lines.
+A failure ends with one line, ``evaluate: error: ...``, and exit code 2.
 """
 
 import argparse
 import contextlib
+import sys
 
+import torch
+
+from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint.model import load_model_for_inference
 from megaclip.data import prepare
 from megaclip.data.eval_loader import build_eval_loader
@@ -29,53 +34,83 @@ def report(name: str, metrics) -> None:
     print(f"{name}: {format_metrics(metrics)}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a step directory, or a checkpoint root (its latest)")
-    parser.add_argument("--val-shards", help="retrieval split; default: the run's model.data.val_shards")
-    parser.add_argument("--zeroshot-folder", help="image folder with one subfolder per class")
-    parser.add_argument("--zeroshot-shards", help="webdataset split with a class label per sample")
-    parser.add_argument("--label-key", default="cls", help="member holding the label in --zeroshot-shards")
-    parser.add_argument("--classes", help="class names file (needed by --zeroshot-folder / --zeroshot-shards)")
-    parser.add_argument("--templates", default=str(OPENAI_TEMPLATES), help="prompt templates file")
-    parser.add_argument("--synthetic-zeroshot", choices=["shape", "colour"], help="zero-shot on the synthetic val split")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    if (args.zeroshot_folder or args.zeroshot_shards) and not args.classes:
-        parser.error("--zeroshot-folder and --zeroshot-shards need --classes")
+def report_zeroshot(name: str, results, source) -> None:
+    if not results["images"]:
+        raise ValueError(f"no usable images in {source}")
+    report(name, results)
 
+
+def evaluate(args: argparse.Namespace) -> None:
+    # the cheap checks first: a wrong class file should not wait for a model to load
+    classnames = read_class_names(args.classes) if args.classes else None
+    templates = read_templates(args.templates)
     device = pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no GPU is available")
     model, cfg = load_model_for_inference(args.checkpoint, device)
     m, autocast = cfg.model, contextlib.nullcontext()
     sources = prepare.resolve(m)
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     _, transform = transforms_from_config(m.vision)
 
-    val = build_eval_loader(args.val_shards or sources.val_shards, m.data, dp_rank=0, dp_size=1,
+    val_shards = args.val_shards or sources.val_shards
+    val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
                             batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
-    report("retrieval", evaluate_retrieval(model, val, device, autocast))
+    metrics = evaluate_retrieval(model, val, device, autocast)
+    if not val.samples:
+        skipped = f" (skipped: {format_metrics(val.skipped)})" if val.skipped else ""
+        raise ValueError(f"no usable samples in the val split {val_shards}{skipped}")
+    report("retrieval", metrics)
     if val.skipped:
         report("skipped in the val split", val.skipped)
     if args.synthetic_zeroshot:
         task = synthetic_task(args.synthetic_zeroshot)
         classifier = zeroshot_classifier(model, task.classnames, task.templates, tokenizer, device, autocast)
-        report(f"zeroshot synthetic {args.synthetic_zeroshot}",
-               evaluate_zeroshot(model, classifier, task.batches(val), device, autocast))
+        report_zeroshot(f"zeroshot synthetic {args.synthetic_zeroshot}",
+                        evaluate_zeroshot(model, classifier, task.batches(val), device, autocast), val_shards)
     if args.zeroshot_folder or args.zeroshot_shards:
-        classnames, templates = read_class_names(args.classes), read_templates(args.templates)
         classifier = zeroshot_classifier(model, classnames, templates, tokenizer, device, autocast)
         if args.zeroshot_folder:
             batches = image_folder_batches(args.zeroshot_folder, transform, batch_size=args.batch_size)
             if len(batches.dataset.classes) != len(classnames):
-                parser.error(f"{args.zeroshot_folder} has {len(batches.dataset.classes)} class folders, "
-                             f"{args.classes} {len(classnames)} names")
-            report("zeroshot folder", evaluate_zeroshot(model, classifier, batches, device, autocast))
+                raise ValueError(f"{args.zeroshot_folder} has {len(batches.dataset.classes)} class folders, "
+                                 f"{args.classes} {len(classnames)} names")
+            report_zeroshot("zeroshot folder", evaluate_zeroshot(model, classifier, batches, device, autocast),
+                            args.zeroshot_folder)
         if args.zeroshot_shards:
             labelled = labelled_batches(shards=args.zeroshot_shards, data_cfg=m.data, image_transform=transform,
                                         tokenizer=tokenizer, batch_size=args.batch_size, label_key=args.label_key)
-            report("zeroshot shards", evaluate_zeroshot(model, classifier, labelled, device, autocast))
+            report_zeroshot("zeroshot shards", evaluate_zeroshot(model, classifier, labelled, device, autocast),
+                            args.zeroshot_shards)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step directory, or a checkpoint root (its latest)")
+    p.add_argument("--val-shards", help="retrieval split; default: the run's model.data.val_shards")
+    p.add_argument("--zeroshot-folder", help="image folder with one subfolder per class")
+    p.add_argument("--zeroshot-shards", help="webdataset split with a class label per sample")
+    p.add_argument("--label-key", default="cls", help="member holding the label in --zeroshot-shards")
+    p.add_argument("--classes", help="class names file (needed by --zeroshot-folder / --zeroshot-shards)")
+    p.add_argument("--templates", default=str(OPENAI_TEMPLATES), help="prompt templates file")
+    p.add_argument("--synthetic-zeroshot", choices=["shape", "colour"], help="zero-shot on the synthetic val split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.zeroshot_folder or args.zeroshot_shards) and not args.classes:
+        p.error("--zeroshot-folder and --zeroshot-shards need --classes")
+    try:
+        evaluate(args)
+    except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

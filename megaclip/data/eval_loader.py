@@ -56,18 +56,20 @@ class _EvalStream(IterableDataset):
 
 class EvalLoader:
     """EvalBatches over this rank's share of the shards; each iteration is a new pass, with
-    `skipped` (bad input by kind) complete once the pass ends."""
+    `samples` (usable samples read) and `skipped` (bad input by kind) complete once the pass ends."""
 
     def __init__(self, stream: _EvalStream, num_workers: int, prefetch_factor: int):
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
+        self.samples = 0
         self.skipped: Dict[str, int] = {}
 
     def __iter__(self) -> Iterator[EvalBatch]:
-        by_worker = {}
+        by_worker, self.samples = {}, 0
         for batch, meta in dataloader(self.stream, self.num_workers, self.prefetch_factor):
             by_worker[meta["worker"]] = meta["skipped"]
             self.skipped = dict(sum((Counter(c) for c in by_worker.values()), Counter()))
             if batch is not None:
+                self.samples += len(batch.images)
                 yield batch
 
 
