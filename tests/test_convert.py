@@ -31,7 +31,8 @@ open_clip = import_library("open_clip")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
-CAPTIONS = ["a photo of a cat", "Two dogs playing in the snow, «très» joli! 🐕 &amp; a very happy owner"]
+# The second caption's "!??" holds CLIP BPE's id 0 ("!"), which is also the padding id.
+CAPTIONS = ["a photo of a cat", "Two dogs playing in the snow!?? «très» joli! 🐕 &amp; a very happy owner"]
 SMALL_OPEN_CLIP = {
     "embed_dim": 32, "quick_gelu": True,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
@@ -56,9 +57,11 @@ def jitter(model, seed: int):
 
 
 def batch(image_size: int):
-    """Two random images and two real CLIP BPE token rows."""
+    """Two random images and two real CLIP BPE token rows, one with id 0 before its end of text."""
     images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return images, ClipBpeTokenizer(77)(CAPTIONS)
+    tokens = ClipBpeTokenizer(77)(CAPTIONS)
+    assert 0 in tokens[1, : tokens[1].argmax()]
+    return images, tokens
 
 
 def megaclip_features(model_cfg, full, images, tokens):

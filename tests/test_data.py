@@ -120,6 +120,16 @@ def test_build_tokenizer(synthetic):
         SentencePieceTokenizer(synthetic.tokenizer_model, 1)
 
 
+def test_sentencepiece_model_with_another_end_of_text_id_is_refused(tmp_path):
+    # the text tower pools at id 3, where train_sentencepiece puts the end of text
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle", "a blue square"] * 50), vocab_size=24,
+                                   hard_vocab_limit=False, model_prefix=str(tmp_path / "other"),
+                                   pad_id=0, unk_id=1, bos_id=3, eos_id=2, minloglevel=2)
+    with pytest.raises(ValueError, match="eos id 3 .* has pad 0 bos 3 eos 2"):
+        SentencePieceTokenizer(str(tmp_path / "other.model"), 8)
+
+
 def test_data_parallel_ranks_see_disjoint_shards_covering_an_epoch(synthetic, tokenizer):
     every_image = {image_hash(image) for batch in eval_loader(synthetic.train_shards, tokenizer) for image in batch.images}
     assert len(every_image) == 256

@@ -3,8 +3,8 @@
 Tensors map one to one except attention, whose separate q/k/v projections make megaclip's one per-head
 qkv linear (megaclip.convert.qkv), and the projections, which HF holds as Linear weights [out, w]
 where megaclip holds [w, out] matrices. HF pools text at the first ``eos_token_id`` (or, for legacy
-configs with eos_token_id 2, at the largest id), megaclip at the last non-pad token: the same position
-for rows of CLIP BPE, which ends every row with its end-of-text id.
+configs with eos_token_id 2, at the largest id), megaclip at the first end-of-text id: the same position
+for rows of CLIP BPE, whose end-of-text is its largest id.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from omegaconf import DictConfig
 
 from megaclip.convert import CLIP_BPE_TOKENIZER, check_names, import_library, require_clip_bpe, tower_overrides
 from megaclip.convert.qkv import per_head_from_separate, separate_from_per_head
-from megaclip.data.clip_bpe import EOT_ID, SOT_ID
+from megaclip.data.clip_bpe import EOT_ID, PAD_ID, SOT_ID
 from megaclip.model.state import State
-from megaclip.model.text import PAD_ID
 
 transformers = import_library("transformers")
 

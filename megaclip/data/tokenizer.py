@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Union
 import sentencepiece as spm
 import torch
 
+from megaclip.data import clip_bpe
 from megaclip.data.clip_bpe import ClipBpeTokenizer
 
 PAD_ID, UNK_ID, SOT_ID, EOT_ID = 0, 1, 2, 3
@@ -41,8 +42,9 @@ class SentencePieceTokenizer:
             raise ValueError(f"context_length must be at least 2 (sot + eot), got {context_length}")
         self.processor = spm.SentencePieceProcessor(model_file=model_path)
         p = self.processor
-        if p.pad_id() != PAD_ID or p.bos_id() < 0 or p.eos_id() < 0:
-            raise ValueError(f"{model_path} needs pad id {PAD_ID} and bos/eos pieces; has pad {p.pad_id()} bos {p.bos_id()} eos {p.eos_id()}")
+        if p.pad_id() != PAD_ID or p.bos_id() < 0 or p.eos_id() != EOT_ID:
+            raise ValueError(f"{model_path} needs pad id {PAD_ID}, a bos piece and eos id {EOT_ID} (tools/train_tokenizer.py "
+                             f"makes such models); has pad {p.pad_id()} bos {p.bos_id()} eos {p.eos_id()}")
         self.context_length = context_length
 
     @property
@@ -68,6 +70,15 @@ class SentencePieceTokenizer:
             ids = [self.sot_id, *pieces[: self.context_length - 2], self.eot_id]
             tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens
+
+
+def end_of_text_id(library: str) -> int:
+    """The id that ends every row of a tokenizer library's captions: the text tower pools there."""
+    if library == "sentencepiece":
+        return EOT_ID  # checked when a model file is loaded
+    if library == "clip_bpe":
+        return clip_bpe.EOT_ID
+    raise ValueError(f"unknown tokenizer library '{library}' (choose sentencepiece or clip_bpe)")
 
 
 def build_tokenizer(library: str, model_path: Optional[str], context_length: int) -> Union[SentencePieceTokenizer, ClipBpeTokenizer]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaclip.data.tokenizer import end_of_text_id
 from megaclip.model.parallel import Linears
 from megaclip.model.transformer import ParallelTransformer
-
-PAD_ID = 0
 
 
 class TextTower(nn.Module):
@@ -20,10 +19,14 @@ class TextTower(nn.Module):
         self.transformer = ParallelTransformer(cfg, causal=True, linears=linears)
         self.ln_final = nn.LayerNorm(width, eps=cfg.layernorm_epsilon)
         self.text_projection = nn.Parameter(width ** -0.5 * torch.randn(width, output_dim))
+        self.eot_id = end_of_text_id(cfg.tokenizer.library)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x))
-        # Tokenizers put end-of-text last before the padding, so it sits at the last non-pad position.
-        eot = (tokens != PAD_ID).sum(dim=1) - 1
+        # The first end-of-text token of each row (the tokenizers end every row with one): where
+        # open_clip pools (argmax of the ids, CLIP BPE's end-of-text being its largest id) and Hugging
+        # Face (first eos_token_id). Not "the last non-pad token": the pad id 0 is also a real CLIP
+        # BPE token ("!"), and sentencepiece's end-of-text is not its largest id.
+        eot = (tokens == self.eot_id).int().argmax(dim=1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
