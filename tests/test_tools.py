@@ -126,7 +126,7 @@ def load_tool(name: str):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, synthetic):
-    cfg = small_config("model.text.vocab_size=64", "model.text.encoder_seq_length=16",
+    cfg = small_config("model.text.vocab_size=64", "model.text.encoder_seq_length=16", "model.vision.encoder_seq_length=null",
                        f"model.data.synthetic_dir={os.path.dirname(synthetic.tokenizer_model)}")
     root = tmp_path_factory.mktemp("run") / "checkpoints"
     write_model_checkpoint(root, full_state_dict(CLIPModel(cfg.model), 64), cfg, tp=1)
@@ -182,3 +182,26 @@ def test_evaluate_error_exit_code_of_the_process(tmp_path):
                           env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("evaluate: error: no checkpoint at ")
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_conversion_refuses_a_training_runs_checkpoint_directory(tmp_path, checkpoint, capsys):
+    # a run's checkpoints: step directories with optimizer and training state, `latest` pointing at one
+    run = tmp_path / "run" / "checkpoints"
+    step = shutil.copytree(checkpoint / "step_0000000", run / "step_0000100")
+    for part in ("optim/tp_00_dp_00.pt", "train/rank_00000.pt"):
+        (step / part).parent.mkdir()
+        torch.save({}, step / part)
+    (run / "latest").write_text("step_0000100\n")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    convert = load_tool("convert_checkpoint")
+    reshard = ["megaclip-reshard", "--checkpoint", str(checkpoint), "--tp", "2", "--out"]
+    assert convert.main(reshard + [str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"convert_checkpoint: error: {run} holds a training run's checkpoints (step_0000100)")
+    assert err.count("\n") == 1
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "latest").read_text() == "step_0000100\n"
+    # beside the run is fine, and so is converting again over an earlier conversion
+    for _ in range(2):
+        assert convert.main(reshard + [str(run.parent / "tp2")]) == 0
+    assert (run.parent / "tp2" / "latest").read_text() == "step_0000000\n"

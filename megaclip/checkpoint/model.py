@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,9 +16,20 @@ def model_shard_path(directory: Path, tp_rank: int) -> Path:
     return Path(directory) / "model" / f"tp_{tp_rank:02d}.pt"
 
 
+def training_steps(root: Path) -> List[str]:
+    """The step directories (complete or being written) of a training run under ``root``: those
+    with per-rank training state, which model-only checkpoints lack."""
+    return sorted(p.name for p in Path(root).glob("step_*") if (p / "train").is_dir())
+
+
 def write_model_checkpoint(root, full: State, cfg: DictConfig, tp: int, meta: Dict = None) -> Path:
     """Write a model-only checkpoint at TP size ``tp`` from a full state (used by the converters)
-    as ``root/step_0000000`` with ``root/latest`` pointing at it."""
+    as ``root/step_0000000`` with ``root/latest`` pointing at it. CheckpointError for a ``root`` that
+    holds a training run's checkpoints: repointing their ``latest`` would make the run unresumable."""
+    run_steps = training_steps(root)
+    if run_steps:
+        raise CheckpointError(f"{root} holds a training run's checkpoints ({', '.join(run_steps[-2:])}); "
+                              f"write the model elsewhere, e.g. {Path(root).parent / 'converted'}")
     final = Path(root) / step_dir_name((meta or {}).get("step", 0))
     staging = temporary(final)
     shutil.rmtree(staging, ignore_errors=True)
