@@ -38,7 +38,8 @@ def write_tar(path, samples) -> str:
 
 def write_bad_shards(root) -> str:
     """4 shards: 5 good samples + 1 undecodable image + 1 caption-less + 1 image-less; a shard cut
-    inside its 4th sample; an empty file; a file that is no tar. 18 usable samples in all."""
+    between the image and the caption of its 3rd sample; an empty file; a file that is no tar; and
+    11 good samples. 18 usable samples in all."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     good = lambda i, prefix: {"__key__": f"{prefix}{i:03d}", "png": image_bytes((i * 20, 0, 0)), "txt": f"a red circle {i}"}
@@ -48,7 +49,7 @@ def write_bad_shards(root) -> str:
         {"__key__": "a102", "txt": "no image"}])
     whole = write_tar(root / "whole.tar", [good(i, "t") for i in range(6)])
     with tarfile.open(whole) as tar:
-        cut = next(m for m in tar.getmembers() if m.name == "t003.png").offset_data + 10
+        cut = next(m for m in tar.getmembers() if m.name == "t002.txt").offset  # where its headers begin
     with open(whole, "rb") as f:
         (root / "b.tar").write_bytes(f.read()[:cut])
     os.remove(whole)

@@ -2,6 +2,7 @@
 sources, counted bad input, exact resume."""
 import hashlib
 import itertools
+import tarfile
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.loader import build_train_loader
-from megaclip.data.samples import SampleDecoder, Skipped
+from megaclip.data.samples import BAD_SHARD, SampleDecoder, Skipped, read_shards
 from megaclip.data.shards import Source, expand_shards, parse_sources, resampled_shards
 from megaclip.data.transforms import eval_transform, train_transform
 from tests.data_helpers import data_config, image_bytes, write_bad_shards, write_tar
@@ -118,6 +119,47 @@ def test_train_loader_counts_reach_the_main_process(bad_shards, tokenizer):
     assert set(train.skipped) == set(EXPECTED_SKIPS)
     for kind, per_epoch in EXPECTED_SKIPS.items():
         assert 16 * per_epoch <= train.skipped[kind] <= 19 * per_epoch
+
+
+def test_a_shard_cut_anywhere_is_a_bad_shard_never_a_bad_sample(tmp_path):
+    # tarfile ends a stream silently where a header is cut off or missing: at a member boundary the
+    # last sample used to come out incomplete (counted as missing a caption) or a lost tail went unseen
+    samples = [{"__key__": f"s{i}", "png": image_bytes((i, 0, 0)), "txt": f"caption {i}"} for i in range(3)]
+    whole = open(write_tar(tmp_path / "whole.tar", samples), "rb").read()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        last = tar.getmembers()[-1]
+        end_of_members = last.offset_data + -(-last.size // 512) * 512  # the end-of-archive blocks start here
+    decoder = SampleDecoder(["png"], "txt")
+    cuts = sorted({c for boundary in range(0, len(whole), 512) for c in (boundary, boundary + 1, boundary + 300)})
+    for cut in cuts + [len(whole)]:
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        read = list(read_shards([str(tmp_path / "cut.tar")]))
+        complete = cut >= end_of_members + 512  # one whole end-of-archive block is enough to end a tar
+        assert (read[-1] == {BAD_SHARD: str(tmp_path / "cut.tar")}) != complete, cut
+        good = [s for s in read if BAD_SHARD not in s]
+        assert [s["__key__"] for s in good] == [s["__key__"] for s in samples[:len(good)]], cut
+        assert all(decoder(s) for s in good) and (len(good) == 3) == complete, cut
+
+
+def test_a_bad_shard_is_reported_once_in_one_line(tmp_path, tokenizer, capfd):
+    write_tar(tmp_path / "good.tar", [{"__key__": f"g{i}", "png": image_bytes((i, 0, 0)), "txt": "x"} for i in range(20)])
+    whole = write_tar(tmp_path / "whole.tar", [{"__key__": f"t{i}", "png": image_bytes((0, i, 0)), "txt": "y"}
+                                               for i in range(4)])
+    with tarfile.open(whole) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "t2.txt").offset
+    (tmp_path / "cut.tar").write_bytes(open(whole, "rb").read()[:cut])
+    shards = [str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")]
+    train = loader(shards, tokenizer)
+    take(iter(train), 6)  # 22 usable samples per epoch: more than 4 epochs
+    eval_loader = build_eval_loader(shards, data_config(), dp_rank=0, dp_size=1, batch_size=8,
+                                    image_transform=eval_transform(16), tokenizer=tokenizer)
+    for _ in range(2):
+        assert sum(len(batch.keys) for batch in eval_loader) == 22
+    assert list(train.skipped) == ["bad_shards"] and train.skipped["bad_shards"] >= 4  # once per epoch
+    assert eval_loader.skipped == {"bad_shards": 1}
+    assert capfd.readouterr().err.splitlines() == [
+        f"megaclip: warning: skipping the rest of shard {tmp_path / 'cut.tar'} after 2 samples: truncated, "
+        f"no end-of-archive block (counted in bad_shards)"]
 
 
 def test_no_usable_sample_is_an_error_not_a_hang(tmp_path, tokenizer):

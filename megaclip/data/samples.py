@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
+import sys
 from typing import Iterable, Iterator, Optional, Sequence
 
 import webdataset as wds
 from PIL import Image
 
+from megaclip.data.tar_files import tar_files
+
 # a bad shard is counted once, whatever number of samples it lost
 SKIP_KINDS = ("bad_shards", "bad_images", "missing_images", "missing_captions", "missing_labels")
 BAD_SHARD = "__bad_shard__"  # the key of the marker sample read_shards yields for a bad shard
+_reported_shards = set()  # bad shards this process has warned about: a shard is read again every epoch
 
 
 class Skipped(Exception):
@@ -26,7 +29,8 @@ class Skipped(Exception):
 
 def read_shards(urls: Iterable[str]) -> Iterator[dict]:
     """The undecoded samples of each shard in turn, and a {BAD_SHARD: url} marker in place of the
-    rest of a shard that is unreadable, truncated or empty.
+    rest of a shard that is unreadable, truncated or empty (the sample being read when it ended is
+    lost with it: its members may be cut off).
 
     The marker travels with the samples (through the shuffle buffer, past a resume's skip), so a bad
     shard is counted where its samples would have been, exactly once however often it is re-read.
@@ -34,16 +38,24 @@ def read_shards(urls: Iterable[str]) -> Iterator[dict]:
     for url in urls:
         count = 0
         try:
-            for sample in wds.tarfile_samples([{"url": url}]):
+            for sample in wds.tariterators.group_by_keys(tar_files(url)):
                 count += 1
                 yield sample
         except Exception as e:  # tarfile, gzip and OS errors all mean: this shard ends here
-            warnings.warn(f"shard {url} unreadable after {count} samples: {e!r}")
+            reason = " ".join(str(e).split()) or type(e).__name__
+            _report_bad_shard(url, f"skipping the rest of shard {url} after {count} samples: {reason}")
             yield {BAD_SHARD: url}
             continue
         if count == 0:
-            warnings.warn(f"shard {url} holds no samples")
+            _report_bad_shard(url, f"shard {url} holds no samples")
             yield {BAD_SHARD: url}
+
+
+def _report_bad_shard(url: str, message: str) -> None:
+    """One line per bad shard and process, on stderr (from a loader worker too)."""
+    if url not in _reported_shards:
+        _reported_shards.add(url)
+        print(f"megaclip: warning: {message} (counted in bad_shards)", file=sys.stderr, flush=True)
 
 
 class SampleDecoder:
