@@ -13,8 +13,11 @@ from megaclip.model.parallel import allreduce_sequence_parallel_grads, is_tensor
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """open_clip's rule: biases, norms, the temperature and every tensor of rank < 2 are not decayed."""
-    return param.ndim < 2 or "bias" in name or "ln_" in name or "logit_scale" in name
+    """open_clip's rule: biases, norms, the temperature and every tensor of rank < 2 are not decayed.
+    The class tokens are named: open_clip's one class embedding is [width] (rank 1), megaclip's are
+    [class_token_length, width]."""
+    return (param.ndim < 2 or "bias" in name or "ln_" in name or "logit_scale" in name
+            or name.endswith("class_embedding"))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
