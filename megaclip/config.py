@@ -203,6 +203,7 @@ def config_from_argv(argv: List[str]) -> DictConfig:
             del argv[i:i + 2]
     cfg = load_config(name, argv)
     validate(cfg, world_size_from_env())
+    validate_run(cfg)
     return cfg
 
 
@@ -234,10 +235,9 @@ def micro_batch_size(cfg: Any, world_size: int) -> int:
 def validate(cfg: Any, world_size: int, data: bool = True) -> None:
     """Raise ConfigError (one line) for any configuration that cannot run at this world size;
     ``data=False`` leaves out the data settings (for runs on random batches)."""
+    _validate_ranges(cfg)
     m = cfg.model
     tp = m.tensor_model_parallel_size
-    if tp < 1:
-        raise ConfigError(f"model.tensor_model_parallel_size must be >= 1, got {tp}")
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size {tp}")
     for name in ("vision", "text"):
@@ -266,6 +266,7 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
     for key in ("max_steps", "log_every_n_steps", "val_check_interval"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
+    _validate_device(cfg.trainer.device)
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")
     if m.megatron_amp_O2 and cfg.trainer.precision != "bf16":
@@ -292,8 +293,6 @@ def _validate_tower(name: str, t: Any, tp: int) -> None:
         raise ConfigError(f"{key}.activations_checkpoint_granularity must be null or full, got '{t.activations_checkpoint_granularity}'")
     if t.activations_checkpoint_granularity and t.activations_checkpoint_method not in ("uniform", "block"):
         raise ConfigError(f"{key}.activations_checkpoint_method must be uniform or block, got '{t.activations_checkpoint_method}'")
-    if t.activations_checkpoint_num_layers < 1:
-        raise ConfigError(f"{key}.activations_checkpoint_num_layers must be >= 1")
     if t.activation not in ("gelu", "quick_gelu"):
         raise ConfigError(f"{key}.activation must be gelu or quick_gelu, got '{t.activation}'")
 
@@ -315,6 +314,119 @@ def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
     heads at tp 4 this is 16, open_clip's variant)."""
     candidates = [h for h in range(tp, width + 1, tp) if width % h == 0]
     return min(candidates, key=lambda h: (abs(h - heads), h)) if candidates else None
+
+
+# The range of every numeric key (None, where a key allows it, is not checked): each bound is what the
+# code that reads the key needs, e.g. a global batch of 0 never completes a step and hangs the run.
+_TOWER_RANGES = [(key, ">=", 1) for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                           "encoder_seq_length", "activations_checkpoint_num_layers")] + [
+    ("layernorm_epsilon", ">", 0), ("hidden_dropout", "in [0, 1)", None), ("attention_dropout", "in [0, 1)", None)]
+_RANGES = [(f"model.{tower}.{key}", op, bound) for tower in ("vision", "text") for key, op, bound in _TOWER_RANGES] + [
+    ("model.vision.patch_dim", ">=", 1), ("model.vision.img_h", ">=", 1), ("model.vision.img_w", ">=", 1),
+    ("model.vision.num_channels", ">=", 1), ("model.vision.class_token_length", ">=", 0),
+    ("model.text.vocab_size", ">=", 1), ("model.output_dim", ">=", 1), ("model.tensor_model_parallel_size", ">=", 1),
+    ("model.global_batch_size", ">=", 1), ("model.micro_batch_size", ">=", 1), ("model.seed", "in [0, 2**32)", None),
+    ("model.optim.lr", ">", 0), ("model.optim.weight_decay", ">=", 0), ("model.optim.eps", ">", 0),
+    ("model.optim.grad_clip", ">=", 0), ("model.optim.sched.warmup_steps", ">=", 0), ("model.optim.sched.min_lr", ">=", 0),
+    ("model.data.shuffle_buffer", ">=", 0), ("model.data.shuffle_window", ">=", 1), ("model.data.num_workers", ">=", 0),
+    ("model.data.prefetch_factor", ">=", 1), ("model.data.eval_batch_size", ">=", 1),
+    ("model.data.synthetic_train_samples", ">=", 1),
+    ("exp_manager.checkpoint.every_n_steps", ">=", 0), ("exp_manager.checkpoint.save_top_k", ">=", 1),
+]
+_WITHIN = {  # the ranges that are not a single bound
+    "in [0, 1)": lambda x: 0 <= x < 1,
+    "in [0, 2**32)": lambda x: 0 <= x < 2 ** 32,  # numpy's seed range
+}
+
+
+def _validate_ranges(cfg: Any) -> None:
+    for key, op, bound in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        fits = _WITHIN[op](value) if bound is None else (value > bound if op == ">" else value >= bound)
+        if not fits:
+            raise ConfigError(f"{key} must be {op}{'' if bound is None else f' {bound}'}, got {value}")
+    o = cfg.model.optim
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"model.optim.betas must be two values in [0, 1), got {list(o.betas)}")
+    if o.sched.name != "cosine":
+        raise ConfigError(f"model.optim.sched.name must be cosine (linear warmup, cosine decay), got '{o.sched.name}'")
+    if o.sched.min_lr > o.lr:
+        raise ConfigError(f"model.optim.sched.min_lr {o.sched.min_lr} is above model.optim.lr {o.lr}")
+    v = cfg.model.vision
+    if v.class_token_length == 0 and not v.global_average_pool:
+        raise ConfigError("model.vision.class_token_length=0 needs model.vision.global_average_pool=true "
+                          "(otherwise the first class token is the image feature)")
+
+
+def _validate_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"trainer.device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda":
+        import torch  # cheap next to the run it saves; the data checks load it anyway
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but torch sees no GPU here "
+                              f"(torch {torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''}); "
+                              "use trainer.device=auto or cpu")
+
+
+def validate_run(cfg: Any) -> None:
+    """ConfigError (one line) for the files a training run would fail on after its start-up: an
+    experiment directory it cannot write, a synthetic data directory that is neither absent, empty nor
+    complete, and a checkpoint to start from (the run's own latest, else model.init_from) that is
+    missing or does not fit the model. Reads only small files (config.yaml, meta.json)."""
+    _validate_writable(cfg.exp_manager.exp_dir)
+    _validate_synthetic_dir(cfg.model)
+    _validate_start_checkpoint(cfg)
+
+
+def _validate_writable(exp_dir: str) -> None:
+    """Create (and remove) a file where the run will write first: the experiment directory, or the
+    nearest of its parents that exists. Permission bits alone would not do: root passes them, yet
+    cannot write in /proc or on a read-only mount."""
+    import tempfile
+
+    existing = Path(exp_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"exp_manager.exp_dir {exp_dir}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"exp_manager.exp_dir {exp_dir} is not writable: cannot create a file in {existing} "
+                          f"({e.strerror})") from None
+
+
+def _validate_synthetic_dir(m: Any) -> None:
+    from megaclip.data.prepare import synthetic_status, uses_synthetic
+
+    if uses_synthetic(m) and synthetic_status(m.data.synthetic_dir) == "incomplete":
+        raise ConfigError(f"model.data.synthetic_dir {m.data.synthetic_dir} holds files but no complete synthetic set "
+                          "(train/val shards and tokenizer.model); remove it to have it generated again, or name another directory")
+
+
+def _validate_start_checkpoint(cfg: Any) -> None:
+    """The checkpoint the run will load, checked against the model config in seconds instead of after
+    the start-up. A run that resumes does not read model.init_from (which may be gone by then)."""
+    from megaclip.checkpoint import CheckpointError
+    from megaclip.checkpoint.files import latest, read_meta, resolve
+    from megaclip.checkpoint.model import check_architecture
+
+    own = latest(Path(cfg.exp_manager.exp_dir) / "checkpoints") if cfg.exp_manager.resume_if_exists else None
+    start, key = (own, "resuming from") if own else (cfg.model.init_from, "model.init_from")
+    if start is None:
+        return
+    if not Path(start).exists():
+        raise ConfigError(f"{key}: no such checkpoint {start}")
+    try:
+        _, saved = read_meta(resolve(start))
+        check_architecture(saved.model, cfg.model)
+    except CheckpointError as e:
+        raise ConfigError(f"{key} {start}: {e}") from None
 
 
 def _validate_data(m: Any, dp: int) -> None:

@@ -1,14 +1,24 @@
 """Bad configurations end with one clear line before any process group starts."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from megaclip.checkpoint.files import write_meta
 from megaclip.config import ConfigError, config_from_argv, load_config
+from megaclip.data import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_cwd(tmp_path_factory, monkeypatch):
+    """The configs name relative paths (runs/, data/): checks of them must not see this checkout's runs."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.mark.parametrize("world,args,expected", [
@@ -24,6 +34,31 @@ ROOT = Path(__file__).resolve().parent.parent
     (1, ["model.vision.hidden_size=wide"], "hidden_size"),
     (1, ["--config-name", "no_such_config"], "config file not found"),
     (4, ["--config-name", "clip_g14", "tp=4"], "possible tp: [1, 2, 11, 22]; or use num_attention_heads=16"),
+    # every key with a range: before anything divides by it (heads, patch_dim) or waits on it (gbs=0 hung)
+    (1, ["gbs=0"], "model.global_batch_size must be >= 1, got 0"),
+    (1, ["lr=0"], "model.optim.lr must be > 0, got 0.0"),
+    (1, ["lr=-1e-3"], "model.optim.lr must be > 0, got -0.001"),
+    (1, ["model.optim.betas=[0.9,1.0]"], "model.optim.betas must be two values in [0, 1), got [0.9, 1.0]"),
+    (1, ["model.optim.betas=[-0.1,0.98]"], "model.optim.betas must be two values in [0, 1)"),
+    (1, ["model.optim.betas=[0.9]"], "model.optim.betas must be two values in [0, 1), got [0.9]"),
+    (1, ["model.optim.weight_decay=-0.1"], "model.optim.weight_decay must be >= 0, got -0.1"),
+    (1, ["model.optim.sched.warmup_steps=-5"], "model.optim.sched.warmup_steps must be >= 0, got -5"),
+    (1, ["model.optim.sched.min_lr=1.0"], "model.optim.sched.min_lr 1.0 is above model.optim.lr 0.002"),
+    (1, ["model.optim.sched.name=linear"], "model.optim.sched.name must be cosine"),
+    (1, ["model.optim.grad_clip=-1"], "model.optim.grad_clip must be >= 0, got -1.0"),
+    (1, ["model.optim.eps=0"], "model.optim.eps must be > 0, got 0.0"),
+    (1, ["exp_manager.checkpoint.every_n_steps=-1"], "exp_manager.checkpoint.every_n_steps must be >= 0, got -1"),
+    (1, ["exp_manager.checkpoint.save_top_k=0"], "exp_manager.checkpoint.save_top_k must be >= 1, got 0"),
+    (1, ["model.data.num_workers=-1"], "model.data.num_workers must be >= 0, got -1"),
+    (1, ["model.data.eval_batch_size=0"], "model.data.eval_batch_size must be >= 1, got 0"),
+    (1, ["model.data.shuffle_buffer=-1"], "model.data.shuffle_buffer must be >= 0, got -1"),
+    (1, ["model.data.prefetch_factor=0"], "model.data.prefetch_factor must be >= 1, got 0"),
+    (1, ["model.text.num_attention_heads=0"], "model.text.num_attention_heads must be >= 1, got 0"),
+    (1, ["model.vision.patch_dim=0"], "model.vision.patch_dim must be >= 1, got 0"),
+    (1, ["model.vision.attention_dropout=1.0"], "model.vision.attention_dropout must be in [0, 1), got 1.0"),
+    (1, ["model.text.layernorm_epsilon=0"], "model.text.layernorm_epsilon must be > 0, got 0.0"),
+    (1, ["seed=-1"], "model.seed must be in [0, 2**32), got -1"),
+    (1, ["trainer.device=tpu"], "trainer.device must be auto, cpu or cuda, got 'tpu'"),
 ])
 def test_bad_config_is_one_clear_line(monkeypatch, world, args, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -60,3 +95,72 @@ def test_entry_point_rejects_before_process_group():
     assert proc.stderr.strip().splitlines() == [
         "megaclip: error: world size 3 is not divisible by tensor_model_parallel_size 2"]
     assert proc.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_cuda_device_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="trainer.device=cuda but torch sees no GPU here"):
+        config_from_argv(["trainer.device=cuda"])
+
+
+def test_unwritable_experiment_directory_is_a_config_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=f"exp_manager.exp_dir {tmp_path}/a_file/run: {tmp_path}/a_file is a file, not a directory"):
+        config_from_argv([f"exp_manager.exp_dir={tmp_path}/a_file/run"])
+    # Nobody, root included, creates files in /proc; permission bits would not show that (root passes
+    # them), which is why the check writes a file.
+    with pytest.raises(ConfigError, match="exp_manager.exp_dir /proc/megaclip/run is not writable: cannot create a file in /proc"):
+        config_from_argv(["exp_manager.exp_dir=/proc/megaclip/run"])
+
+
+def test_read_only_experiment_directory_is_a_config_error(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):  # root writes through permission bits; /proc above covers it
+        pytest.skip("this user can write into a mode-555 directory")
+    with pytest.raises(ConfigError, match=f"is not writable: cannot create a file in {read_only} \\(Permission denied\\)"):
+        config_from_argv([f"exp_manager.exp_dir={read_only}/run"])
+
+
+def test_synthetic_directory_with_stray_files_is_a_config_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a data set")
+    with pytest.raises(ConfigError, match=f"model.data.synthetic_dir {tmp_path} holds files but no complete synthetic set"):
+        config_from_argv([f"model.data.synthetic_dir={tmp_path}"])
+
+
+def test_empty_synthetic_directory_is_generated(tmp_path):
+    cfg = config_from_argv([f"model.data.synthetic_dir={tmp_path}", "model.data.synthetic_train_samples=16"])
+    prepare.ensure_synthetic(cfg.model)
+    assert (tmp_path / "tokenizer.model").is_file() and list(tmp_path.glob("train-*.tar")) and list(tmp_path.glob("val-*.tar"))
+
+
+def fake_checkpoint(directory, *overrides):
+    """A step directory's metadata only: what the start-up check reads."""
+    directory.mkdir(parents=True)
+    write_meta(directory, load_config("clip_tiny", list(overrides)), {"step": 5})
+    (directory.parent / "latest").write_text(directory.name + "\n")
+    return directory
+
+
+def test_missing_init_from_checkpoint_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=f"model.init_from: no such checkpoint {tmp_path}/converted"):
+        config_from_argv([f"model.init_from={tmp_path}/converted"])
+
+
+def test_init_from_another_architecture_fails_before_start_up(tmp_path):
+    converted = fake_checkpoint(tmp_path / "converted" / "step_0000005", "model.vision.num_layers=3")
+    expected = (f"model.init_from {converted.parent}: checkpoint architecture differs from the config: "
+                "model.vision.num_layers is 3 in the checkpoint, 4 in the config")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        config_from_argv([f"model.init_from={converted.parent}", f"exp_manager.exp_dir={tmp_path}/run"])
+    config_from_argv([f"model.init_from={converted.parent}", "model.vision.num_layers=3", f"exp_manager.exp_dir={tmp_path}/run"])
+
+
+def test_resuming_another_architecture_fails_before_start_up(tmp_path):
+    fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000005", "model.output_dim=32")
+    args = [f"exp_manager.exp_dir={tmp_path}/run", "model.init_from=/gone"]  # a resumed run reads no init_from
+    with pytest.raises(ConfigError, match="resuming from .*/step_0000005: checkpoint architecture differs from the "
+                                          "config: model.output_dim is 32 in the checkpoint, 64 in the config"):
+        config_from_argv(args)
+    with pytest.raises(ConfigError, match="model.init_from: no such checkpoint /gone"):
+        config_from_argv(args + ["exp_manager.resume_if_exists=false"])

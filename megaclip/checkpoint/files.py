@@ -29,11 +29,36 @@ def temporary(path: Path) -> Path:
 
 
 def save_torch(obj, path: Path) -> None:
-    """torch.save through a temporary file and a rename, so a file is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save through a temporary file and a rename, so a file is complete or absent. A failed
+    write raises OSError naming the file (see write_failure)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Through a Python file, not a path: torch's own file writer reports a full disk as a C++
+        # "iostream error"; a Python file raises OSError with its errno and strerror (which torch's
+        # clean-up may bury under a RuntimeError of its own: hence the search of the chain).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(tmp)) from None
+
+
+def _os_error_in(error: Optional[BaseException]) -> Optional[OSError]:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def write_failure(error: OSError, checkpoint_root: Path) -> str:
+    """The one line for a checkpoint that could not be written (a full disk, a quota, an I/O error)."""
+    previous = latest(checkpoint_root)
+    kept = f"previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint to resume from"
+    reason = error.strerror or str(error)
+    return f"{reason[:1].lower()}{reason[1:]}: {error.filename or checkpoint_root}, {kept}"
 
 
 def load_torch(path: Path):

@@ -2,6 +2,7 @@
 generated on first use (by one rank while the others wait)."""
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -27,13 +28,30 @@ def resolve(model_cfg) -> DataSources:
     )
 
 
-def ensure_synthetic(model_cfg) -> None:
-    """Generate the synthetic set if the config uses it and it is absent; all ranks return once it exists."""
-    d = model_cfg.data
-    tok = model_cfg.text.tokenizer
+def uses_synthetic(model_cfg) -> bool:
+    """Whether the config reads anything from the synthetic set: shards or its tokenizer."""
+    d, tok = model_cfg.data, model_cfg.text.tokenizer
     synthetic_tokenizer = tok.library == "sentencepiece" and tok.model is None
-    uses_synthetic = d.synthetic_dir is not None and (d.train_shards is None or d.val_shards is None or synthetic_tokenizer)
-    if uses_synthetic and not os.path.isdir(d.synthetic_dir) and int(os.environ.get("RANK", "0")) == 0:
+    return d.synthetic_dir is not None and (d.train_shards is None or d.val_shards is None or synthetic_tokenizer)
+
+
+def synthetic_status(directory: str) -> str:
+    """absent | empty (both generated on first use) | complete | incomplete (files, but not the set:
+    never written over). The set is renamed into place whole, so shards and tokenizer mean complete."""
+    if not os.path.isdir(directory):
+        return "absent"
+    if not os.listdir(directory):
+        return "empty"
+    splits = [glob.glob(os.path.join(glob.escape(directory), f"{split}-*.tar")) for split in ("train", "val")]
+    return "complete" if all(splits) and os.path.isfile(synthetic.tokenizer_path(directory)) else "incomplete"
+
+
+def ensure_synthetic(model_cfg) -> None:
+    """Generate the synthetic set if the config uses it and it is absent (or an empty directory); all
+    ranks return once it exists."""
+    d = model_cfg.data
+    missing = uses_synthetic(model_cfg) and synthetic_status(d.synthetic_dir) in ("absent", "empty")
+    if missing and int(os.environ.get("RANK", "0")) == 0:
         print(f"generating synthetic shards in {d.synthetic_dir} ...", flush=True)
         # Rendered at 64 px at least so that downscaling to the model's size anti-aliases the shapes.
         synthetic.write_synthetic_shards(d.synthetic_dir, image_size=max(64, model_cfg.vision.img_h),
