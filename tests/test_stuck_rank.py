@@ -1,0 +1,72 @@
+"""A rank that stops answering (SIGSTOP: what a hung GPU, a swapping node or a debugger looks like to
+its peers) ends the whole job within the collective timeout, with one line naming the wait, instead of
+hanging it forever."""
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.test_resume import ENV, ROOT, command
+
+TIMEOUT_S = 15  # trainer.collective_timeout_s: above the start-up skew between ranks on a busy 2-core machine
+# When one worker fails, torchrun sends the others SIGTERM and, 30 s later, SIGKILL (a fixed wait on
+# that path in torch 2.13); a stopped process cannot act on SIGTERM, so the job ends after both.
+TORCHRUN_KILL_S = 30
+MARGIN_S = 15  # the failing rank's exit, torchrun's polling and teardown, on a loaded machine
+
+
+def processes():
+    """pid -> (parent pid, command line, environment) of this user's processes, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                environ = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in v)
+            except OSError:  # gone meanwhile, or not ours
+                continue
+            found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline, environ)
+    return found
+
+
+def of_run(exp_dir):
+    """The workers of a run and their data-loader workers (forked: same command line)."""
+    return [pid for pid, (_, cmdline, _) in processes().items() if f"exp_manager.exp_dir={exp_dir}" in cmdline
+            and "torch.distributed.run" not in cmdline]
+
+
+def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path):
+    exp_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen(command(tmp_path / "data", exp_dir, "tp=1", "steps=100000", "model.data.num_workers=1",
+                                            f"trainer.collective_timeout_s={TIMEOUT_S}"),
+                                    cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((exp_dir / "steps.jsonl").exists() and len((exp_dir / "steps.jsonl").read_text().splitlines()) >= 2):
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        rank1 = [pid for pid, (parent, _, environ) in processes().items()
+                 if parent == launcher.pid and environ.get("RANK") == "1"]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.time()
+        returncode = launcher.wait(timeout=TIMEOUT_S + TORCHRUN_KILL_S + MARGIN_S)
+        elapsed = time.time() - stopped
+
+        assert returncode != 0
+        assert elapsed < TIMEOUT_S + TORCHRUN_KILL_S + MARGIN_S
+        errors = re.findall(r"^megaclip: error: .*", log.read_text(), re.MULTILINE)  # (torchrun's summary quotes it)
+        assert len(errors) == 1, log.read_text()[-3000:]
+        assert re.fullmatch(rf"megaclip: error: no answer from a peer rank within {TIMEOUT_S} s in training at step \d+; "
+                            "a rank is stuck or dead", errors[0])
+        assert of_run(exp_dir) == []  # no worker, and no data-loader worker, outlives the job
+    finally:
+        for pid in of_run(exp_dir):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
