@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: found by any install (top-level configs/ links here)
 DEFAULT_CONFIG = "clip_tiny"
 
 # Short command-line names for the keys people change most often.
@@ -174,7 +174,7 @@ class Config:
 
 
 def load_config(config_name: str = DEFAULT_CONFIG, overrides: List[str] = ()) -> DictConfig:
-    """Schema <- configs/<config_name>.yaml <- ``key=value`` overrides; unknown keys are errors."""
+    """Schema <- megaclip/configs/<config_name>.yaml <- ``key=value`` overrides; unknown keys are errors."""
     path = Path(config_name)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{config_name}.yaml"

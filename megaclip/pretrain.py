@@ -1,0 +1,25 @@
+"""Pre-train CLIP, the main job: ``torchrun --nproc-per-node N -m megaclip.pretrain [--config-name X] tp=2 ...``
+(also the ``megaclip-pretrain`` command and examples/pretrain_clip.py).
+
+The config is checked against the world size before any process group starts; a bad one ends the run
+with one line and exit code 2 (megaclip.errors says which rank prints it). Relative paths in a config,
+such as the synthetic set's data/synthetic and the runs' runs/, are relative to the working directory.
+"""
+import sys
+
+from megaclip.config import ConfigError, config_from_argv, world_size_from_env
+from megaclip.errors import exit_with_error
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        exit_with_error(str(e))
+    from megaclip.train import main as train  # torch and megatron-core load only once the config is sound
+
+    return train(cfg, world_size_from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
