@@ -213,6 +213,8 @@ def test_transforms_normalize_with_given_mean_and_std():
     for transform in (train_transform(24, mean, std), eval_transform(24, mean, std)):
         pixels = transform(image)
         assert pixels.shape == (3, 24, 24) and pixels.dtype == torch.float32
+        # a plain colour resizes to itself; then (x / 255 - mean) / std, |values| < 4, in three fp32
+        # roundings on each side (<= 3 * 4 * 6e-8 each): 1e-5 is above them and below one grey level
         assert torch.allclose(pixels, torch.tensor(expected, dtype=torch.float32).view(3, 1, 1).expand(3, 24, 24), atol=1e-5)
     assert OPENAI_MEAN[0] == 0.48145466 and OPENAI_STD[2] == 0.27577711
 
@@ -221,6 +223,8 @@ def test_eval_transform_center_crops_and_train_crop_follows_rng():
     gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3))
     image = Image.fromarray(gradient)  # 64 wide, 32 high: only the centre crop is kept
     expected = (gradient[:, 16:48].astype(np.float32) / 255 - np.array(OPENAI_MEAN, np.float32)) / np.array(OPENAI_STD, np.float32)
+    # the kept pixels are not resampled; (x / 255 - mean) / std, |values| < 2.2, in three fp32 roundings
+    # on each side (each <= 2.2 * 6e-8): within 1e-6 of each other
     assert torch.allclose(eval_transform(32)(image), torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6)
     square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
     crop = train_transform(32)
@@ -236,10 +240,10 @@ def test_transforms_from_config_honour_image_size_mean_and_std():
     for transform in transforms_from_config(cfg.model.vision):
         pixels = transform(image)
         assert pixels.shape == (3, 24, 24)
-        expected = (pixel - np.array([0.5, 0.4, 0.3])) / np.array([0.25, 0.5, 1.0])
+        expected = (pixel - np.array([0.5, 0.4, 0.3])) / np.array([0.25, 0.5, 1.0])  # fp32 roundings as above
         assert torch.allclose(pixels, torch.tensor(expected, dtype=torch.float32).view(3, 1, 1).expand(3, 24, 24), atol=1e-5)
     defaults = small_config()  # 16 px, mean and std null: OpenAI's
     for transform in transforms_from_config(defaults.model.vision):
         pixels = transform(image)
-        expected = (pixel - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+        expected = (pixel - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)  # ~1 each: rtol 1e-5 >> fp32 rounding
         assert pixels.shape == (3, 16, 16) and torch.allclose(pixels[:, 0, 0], torch.tensor(expected, dtype=torch.float32))

@@ -120,6 +120,8 @@ def random_split(seed=0, images=23, captions=60, dim=6):
 def test_retrieval_matches_brute_force_on_random_features():
     images, texts, caption_image = random_split()
     metrics = retrieval_metrics(images, texts, caption_image)
+    # random features: no two scores lie within fp32 rounding of each other, so any order of the dot
+    # products gives the same integer ranks; metrics are their ratios (approx's default rel 1e-6)
     assert metrics == pytest.approx(brute_force_retrieval(images @ texts.T, caption_image))
     assert 0 < metrics["i2t_R@1"] < metrics["i2t_R@5"] < 1 and 0 < metrics["t2i_R@1"] < 1
     model = FeatureModel(texts)
@@ -158,6 +160,8 @@ def brute_force_classifier(model, classnames, templates, tokenizer):
 def test_zeroshot_classifier_and_accuracy():
     model, classnames, templates, tokenizer, images, labels = zeroshot_setup()
     classifier = zeroshot_classifier(model, classnames, templates, tokenizer, CPU, NO_AUTOCAST)
+    # unit vectors from a mean of 3 unit vectors in another summation order: a few fp32 roundings
+    # (6e-8 each) of values <= 1, so within 1e-6; the norms within allclose's default 1e-5
     assert torch.allclose(classifier, brute_force_classifier(model, classnames, templates, tokenizer), atol=1e-6)
     assert torch.allclose(classifier.norm(dim=0), torch.ones(5))
     batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 31, 8)]

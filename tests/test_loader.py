@@ -57,6 +57,7 @@ def test_resampled_is_deterministic_per_rank_and_draws_with_replacement(syntheti
 
     rank0, rank1 = stream(0), stream(1)
     again = stream(0)
+    # the same samples through the same decoding and transforms: bitwise
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rank0, again))
     assert hashes(rank0) != hashes(rank1)
     assert set(hashes(rank0)) <= every_train_image

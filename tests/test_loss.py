@@ -36,6 +36,8 @@ def features(n, seed=0):
 def test_single_process_loss_equals_formula():
     image, text = features(6)
     scale = torch.tensor(14.0, dtype=torch.float64)
+    # float64 on both sides (eps 2.2e-16), the formula without log-sum-exp's shift: exp of logits up to
+    # 14 and a sum of 6 terms round at ~1e-15 relative; 1e-6 only has to tell a wrong formula apart.
     assert ClipLoss()(image, text, scale).item() == pytest.approx(reference_loss(image, text, 14.0), rel=1e-6)
 
 
@@ -62,6 +64,8 @@ def test_dp2_gather_with_grad_equals_global_batch(local_loss):
 
     results = run_distributed(dp_feature_grads, 2, 1, local_loss)
     mean_loss = sum(r[0] for r in results) / 2  # the local loss differs per rank; its mean is the global loss
+    # float64 features: other summation orders of 16 logits per row differ by ~1e-15 relative; the
+    # 1e-9 tolerances here are six orders above that and far below any wrong gradient.
     assert mean_loss == pytest.approx(ref.item(), rel=1e-9)
     for rank, (_, g_image, g_text, g_scale) in enumerate(results):
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -104,6 +108,11 @@ def test_parallel_step_equals_single_process(single_process_step, world, tp):
     ref_loss, ref_norm, ref_after, ref_grads = single_process_step
     assert ref_norm > 0.05  # clipping is active
     for loss, norm, after, grads in run_distributed(one_training_step, world, tp, 2 * BATCH):
+        # fp32 (eps 1.2e-7) in other summation orders (TP partial sums of the row linears, DP halves of
+        # the batch): a gradient element sums up to ~1e4 products (batch x sequence x width), and
+        # reordering it moves it by ~sqrt(n) eps ~ 1e-5 of the size of its terms, which the tensor's
+        # largest gradient bounds. The loss and norm follow at 1e-5, and so does the loss after the step:
+        # Adam's first update lr * g / (|g| + eps) barely moves with g's rounding unless |g| ~ eps.
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         assert norm == pytest.approx(ref_norm, rel=1e-5)
         assert after == pytest.approx(ref_after, rel=1e-5)

@@ -28,7 +28,7 @@ def test_full_state_round_trips_through_tp2():
     results = run_distributed(shard_and_reload, 2, 2)
     full = results[0][0]
     assert full["text.token_embedding.weight"].shape[0] == small_config().model.text.vocab_size
-    for _, reloaded, original in results:
+    for _, reloaded, original in results:  # splitting and joining copy tensors, no arithmetic: bitwise
         for name in original:
             torch.testing.assert_close(reloaded[name], original[name], rtol=0, atol=0)
     rebuilt = unshard_state([r[1] for r in results], small_config().model.text.vocab_size)
