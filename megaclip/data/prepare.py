@@ -9,7 +9,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megaclip import distributed
 from megaclip.data import synthetic
+
+GENERATION_LIMIT_S = 3600  # how long the other ranks wait for rank 0 to generate the synthetic set
 
 
 @dataclass
@@ -56,5 +59,5 @@ def ensure_synthetic(model_cfg) -> None:
         # Rendered at 64 px at least so that downscaling to the model's size anti-aliases the shapes.
         synthetic.write_synthetic_shards(d.synthetic_dir, image_size=max(64, model_cfg.vision.img_h),
                                          train_samples=d.synthetic_train_samples, seed=0)
-    if dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # generating (~15 s for 16k pairs on one core) may outlast a short collective timeout
+        distributed.barrier_allowing(GENERATION_LIMIT_S)
