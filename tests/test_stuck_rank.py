@@ -8,6 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from megaclip import distributed
+from tests.distributed import run_distributed
 from tests.test_resume import ENV, ROOT, command
 
 TIMEOUT_S = 15  # trainer.collective_timeout_s: above the start-up skew between ranks on a busy 2-core machine
@@ -70,3 +75,18 @@ def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+def _all_reduce_after_rank_1_left():
+    if dist.get_rank() == 1:
+        return None  # this process exits: its connections close
+    distributed.doing("evaluation", 7)
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        return distributed.peer_failure(e)
+
+
+def test_a_peer_that_exited_is_named_as_a_lost_connection():
+    message = run_distributed(_all_reduce_after_rank_1_left, 2)[0]
+    assert message == "lost the connection to a peer rank in evaluation at step 7; a rank stopped or died (its own message says why)"
