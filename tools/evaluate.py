@@ -50,10 +50,12 @@ def evaluate(args: argparse.Namespace) -> None:
     model, cfg = load_model_for_inference(args.checkpoint, device)
     m, autocast = cfg.model, contextlib.nullcontext()
     sources = prepare.resolve(m)
+    val_shards = args.val_shards or sources.val_shards
+    if val_shards is None:
+        raise ValueError(f"{args.checkpoint} names no val split (model.data.val_shards): pass --val-shards")
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     _, transform = transforms_from_config(m.vision)
 
-    val_shards = args.val_shards or sources.val_shards
     val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
                             batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
     metrics = evaluate_retrieval(model, val, device, autocast)

@@ -17,16 +17,17 @@ GENERATION_LIMIT_S = 3600  # how long the other ranks wait for rank 0 to generat
 
 @dataclass
 class DataSources:
-    train_shards: str
-    val_shards: str
+    train_shards: Optional[str]
+    val_shards: Optional[str]
     tokenizer_model: Optional[str]
 
 
 def resolve(model_cfg) -> DataSources:
+    """The configured sources; a split neither configured nor synthetic (a converted model's) is None."""
     d, synthetic_dir = model_cfg.data, model_cfg.data.synthetic_dir
     return DataSources(
-        train_shards=d.train_shards or synthetic.train_shards_pattern(synthetic_dir),
-        val_shards=d.val_shards or synthetic.val_shards_pattern(synthetic_dir),
+        train_shards=d.train_shards or (synthetic.train_shards_pattern(synthetic_dir) if synthetic_dir else None),
+        val_shards=d.val_shards or (synthetic.val_shards_pattern(synthetic_dir) if synthetic_dir else None),
         tokenizer_model=model_cfg.text.tokenizer.model or (synthetic.tokenizer_path(synthetic_dir) if synthetic_dir else None),
     )
 

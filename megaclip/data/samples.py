@@ -43,7 +43,8 @@ def read_shards(urls: Iterable[str]) -> Iterator[dict]:
                 yield sample
         except Exception as e:  # tarfile, gzip and OS errors all mean: this shard ends here
             reason = " ".join(str(e).split()) or type(e).__name__
-            _report_bad_shard(url, f"skipping the rest of shard {url} after {count} samples: {reason}")
+            skipping = f"the rest of shard {url} after {count} samples" if count else f"shard {url}"
+            _report_bad_shard(url, f"skipping {skipping}: {reason}")
             yield {BAD_SHARD: url}
             continue
         if count == 0:

@@ -40,6 +40,8 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str, context_length: int):
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (sot + eot), got {context_length}")
+        if not model_path or not os.path.isfile(model_path):  # sentencepiece's own error is a RuntimeError
+            raise FileNotFoundError(f"sentencepiece tokenizer model not found: {model_path}")
         self.processor = spm.SentencePieceProcessor(model_file=model_path)
         p = self.processor
         if p.pad_id() != PAD_ID or p.bos_id() < 0 or p.eos_id() != EOT_ID:
