@@ -223,3 +223,9 @@ def test_conversion_refuses_a_training_runs_checkpoint_directory(tmp_path, check
     for _ in range(2):
         assert convert.main(reshard + [str(run.parent / "tp2")]) == 0
     assert (run.parent / "tp2" / "latest").read_text() == "step_0000000\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_evaluate_on_a_gpu_that_is_not_there(checkpoint, capsys):
+    assert load_tool("evaluate").main(["--checkpoint", str(checkpoint), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "evaluate: error: --device cuda: no GPU is available\n"
