@@ -169,13 +169,16 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if not self.holds():
-                text = self._read()[0]
-                holder = "nobody (it was removed)" if text is None else describe(_parse(text))
-                self.on_loss(f"lost the lock of {self.exp_dir}: it now names {holder}; stopping so as not to "
-                             "write beside that run")
-                return
-            os.utime(self.path)  # times=None: the file server's clock on NFS, like the readers' view
+            try:
+                if not self.holds():
+                    text = self._read()[0]
+                    holder = "nobody (it was removed)" if text is None else describe(_parse(text))
+                    self.on_loss(f"lost the lock of {self.exp_dir}: it now names {holder}; stopping so as not to "
+                                 "write beside that run")
+                    return
+                os.utime(self.path)  # times=None: the file server's clock on NFS, like the readers' view
+            except OSError:  # a passing filesystem error (NFS): the next beat tries again, well before staleness
+                continue
 
     def release(self) -> None:
         self._stop.set()
