@@ -77,17 +77,19 @@ class TrainingMonitor:
             self.data_wait += time.perf_counter() - start
             yield batch
 
-    def step(self, step: int, *, loss: float, lr: float, skipped: Callable[[], Dict[str, int]]) -> Optional[str]:
+    def step(self, step: int, *, loss: float, lr: float, skipped: Callable[[], Dict[str, int]],
+             nonfinite: int = 0) -> Optional[str]:
         """Record a step; on log steps print (and return) the progress line. skipped() gives the bad
         input skipped so far by kind; every rank calls it on log steps, so it may be a collective
-        (e.g. lambda: loader.skipped_across_ranks(train_loader, device, dp_group))."""
+        (e.g. lambda: loader.skipped_across_ranks(train_loader, device, dp_group)). nonfinite: steps
+        of this run whose update was skipped for a non-finite loss or gradient norm."""
         log_step = step % self.log_every == 0 or step == self.max_steps
         counts = skipped() if log_step else {}
         if not self.enabled:
             return None
         self.losses[step] = loss
         with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "nonfinite": nonfinite}) + "\n")
         self.scalar("train/loss", loss, step)
         self.scalar("train/lr", lr, step)
         if not log_step:
@@ -99,7 +101,7 @@ class TrainingMonitor:
         eta = (now - self.started) / max(step - self.start_step, 1) * (self.max_steps - step)
         line = (f"step {step}/{self.max_steps} loss {loss:.4f} lr {lr:.3e} samples/s {rate:.1f} "
                 f"({rate / self.devices:.1f}/gpu) data-wait {100 * wait:.1f}% "
-                f"skipped {sum(counts.values())} mem {peak_memory_bytes() / 2**30:.2f}GiB eta {format_duration(eta)}")
+                f"skipped {sum(counts.values())} {f'nonfinite {nonfinite} ' if nonfinite else ''}mem {peak_memory_bytes() / 2**30:.2f}GiB eta {format_duration(eta)}")
         print(line, flush=True)
         for name, value in (("samples_per_sec", rate), ("samples_per_sec_per_gpu", rate / self.devices),
                             ("data_wait_fraction", wait)):
