@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from megaclip import distributed
 from megaclip.checkpoint.files import (CheckpointError, commit, latest, load_torch, read_meta, save_torch,
-                                       step_dir_name, temporary, write_meta)
+                                       step_dir_name, temporary, write_failure, write_meta)
 from megaclip.checkpoint.model import check_architecture, load_model_shards, model_shard_path
+from megaclip.guard import require_finite
 from megaclip.model.state import local_state, shard_state, unshard_state
 from megaclip.optim.adamw import adam_step_count
 
@@ -51,27 +52,47 @@ def set_rng_state(state: Dict) -> None:
 
 def save(root: Path, step: int, *, model, optimizer, loader, cfg, consumed_samples: int, keep: int,
          loss: float = float("nan")) -> Path:
-    """Write ``root/step_<step>`` (a collective: every rank calls it)."""
+    """Write ``root/step_<step>`` (a collective: every rank calls it). Non-finite weights or optimizer
+    state on any rank raise NonFiniteError on every rank before anything is written."""
+    distributed.doing("checkpoint save", step)
     final = Path(root) / step_dir_name(step)
     staging = temporary(final)
     rank, tp_rank, dp_rank = dist.get_rank(), distributed.tp_rank(), distributed.dp_rank()
+    writes_optim = optimizer.state_is_sharded or dp_rank == 0
+    model_state, optim_state = local_state(model), optimizer.state_slices(model) if writes_optim else {}
+    require_finite(step, {"model": model_state, "optimizer": optim_state}, next(model.parameters()).device)
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
     dist.barrier()
-    if dp_rank == 0:
-        save_torch(local_state(model), model_shard_path(staging, tp_rank))
-    if optimizer.state_is_sharded or dp_rank == 0:
-        save_torch({"step": adam_step_count(optimizer), "slices": optimizer.state_slices(model)},
-                   optim_path(staging, tp_rank, dp_rank))
-    save_torch({"rng": rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
-               train_state_path(staging, rank))
-    dist.barrier()
+    failure = None
+    try:
+        if dp_rank == 0:
+            save_torch(model_state, model_shard_path(staging, tp_rank))
+        if writes_optim:
+            save_torch({"step": adam_step_count(optimizer), "slices": optim_state}, optim_path(staging, tp_rank, dp_rank))
+        save_torch({"rng": rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
+                   train_state_path(staging, rank))
+        if rank == 0:
+            write_meta(staging, cfg, {"step": step, "consumed_samples": consumed_samples, "loss": loss,
+                                      "tensor_model_parallel_size": distributed.tp_size(),
+                                      "data_parallel_size": distributed.dp_size(),
+                                      "optimizer_sharded": bool(optimizer.state_is_sharded)})
+    except OSError as e:  # a full disk, a quota, an I/O error
+        failure = write_failure(e, root)
+    # Every rank learns whether every part was written (a rank that failed alone would leave the
+    # others waiting here), and all of them raise the first failure's line; nothing is committed.
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failure = next((f for f in failures if f), None)
+    if failure:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(failure)
     if rank == 0:
-        write_meta(staging, cfg, {"step": step, "consumed_samples": consumed_samples, "loss": loss,
-                                  "tensor_model_parallel_size": distributed.tp_size(),
-                                  "data_parallel_size": distributed.dp_size(),
-                                  "optimizer_sharded": bool(optimizer.state_is_sharded)})
-        commit(final)
+        try:
+            commit(final)
+        except OSError as e:
+            raise CheckpointError(write_failure(e, root)) from None
         prune(Path(root), keep)
     dist.barrier()
     return final
