@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from tests.data_helpers import write_bad_shards
+from tests.processes import of_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -44,8 +45,11 @@ def test_sigkill_and_resume_continue_the_same_losses(tmp_path):
     while not ((killed / "steps.jsonl").exists() and max(losses(killed), default=0) >= 13):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run, no cleanup
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, mid-run, no cleanup
     proc.wait()
+    while of_run(killed):  # its ranks (in sessions of their own) die with it, and their loader workers
+        assert time.time() < deadline, "ranks train on after their launcher was killed"
+        time.sleep(0.1)
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000008"
     interrupted = losses(killed)
     assert max(interrupted) < 24
@@ -53,6 +57,7 @@ def test_sigkill_and_resume_continue_the_same_losses(tmp_path):
     resumed = subprocess.run(command(data, killed, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
+    assert f"took over the lock of {killed}: pid " in resumed.stdout  # the killed run's, its process gone
     # Every step, exactly equal floats: the same layout runs the same kernels on bitwise the same
     # weights, optimizer state and batches, in the same order (and the CPU allocator aligns every tensor
     # to 64 bytes, so vector code takes the same paths) on this machine; different kernels or orders

@@ -12,8 +12,8 @@ import pytest
 
 from megaclip import run_lock
 from megaclip.run_lock import ExperimentDirInUse, RunLock
+from tests.processes import workers_of
 from tests.test_resume import ENV, ROOT, command
-from tests.test_stuck_rank import processes
 
 
 def write_holder(exp_dir, age_s: float = 0.0, **fields):
@@ -120,7 +120,7 @@ def test_a_second_run_on_a_directory_in_use_stops_with_one_line(tmp_path):
             time.sleep(0.05)
         # Freeze the first run while the second starts, so that it is surely still running (gloo's
         # timeout and the lock's staleness limit are minutes away).
-        workers = [pid for pid, (parent, _, _) in processes().items() if parent == first.pid]
+        workers = list(workers_of(first.pid).values())
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         holder = json.loads((exp_dir / run_lock.LOCK_FILE).read_text())

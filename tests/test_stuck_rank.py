@@ -6,13 +6,13 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megaclip import distributed
 from tests.distributed import run_distributed
+from tests.processes import of_run, workers_of
 from tests.test_resume import ENV, ROOT, command
 
 # trainer.collective_timeout_s: above the start-up skew between ranks on a busy 2-core machine (rank 0
@@ -22,27 +22,6 @@ TIMEOUT_S = 15
 # that path in torch 2.13); a stopped process cannot act on SIGTERM, so the job ends after both.
 TORCHRUN_KILL_S = 30
 MARGIN_S = 20  # the failing rank's exit, torchrun's polling and teardown, on a loaded machine
-
-
-def processes():
-    """pid -> (parent pid, command line, environment) of this user's processes, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                environ = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in v)
-            except OSError:  # gone meanwhile, or not ours
-                continue
-            found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline, environ)
-    return found
-
-
-def of_run(exp_dir):
-    """The workers of a run and their data-loader workers (forked: same command line)."""
-    return [pid for pid, (_, cmdline, _) in processes().items() if f"exp_manager.exp_dir={exp_dir}" in cmdline
-            and "torch.distributed.run" not in cmdline]
 
 
 def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path):
@@ -56,10 +35,7 @@ def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path):
         while not ((exp_dir / "steps.jsonl").exists() and len((exp_dir / "steps.jsonl").read_text().splitlines()) >= 2):
             assert launcher.poll() is None and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(0.1)
-        rank1 = [pid for pid, (parent, _, environ) in processes().items()
-                 if parent == launcher.pid and environ.get("RANK") == "1"]
-        assert len(rank1) == 1
-        os.kill(rank1[0], signal.SIGSTOP)
+        os.kill(workers_of(launcher.pid)[1], signal.SIGSTOP)
         stopped = time.time()
         returncode = launcher.wait(timeout=TIMEOUT_S + TORCHRUN_KILL_S + MARGIN_S)
         elapsed = time.time() - stopped
