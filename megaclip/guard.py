@@ -13,6 +13,8 @@ and the data move on, only the optimizer does not step (its moments and Adam ste
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import time
 import warnings
@@ -41,6 +43,16 @@ def install_stop_handlers(signals: Iterable[signal.Signals] = STOP_SIGNALS) -> N
     Installed in the training process as early as possible (a signal during start-up still counts)."""
     for sig in signals:
         signal.signal(sig, _note)
+    atexit.register(_end_loader_workers)
+
+
+def _end_loader_workers() -> None:
+    """Loader workers ignore the stop signals (ignore_stop_signals), and so also the SIGTERM with which
+    multiprocessing ends daemonic children at exit before it joins them: a loader left running by an
+    error would hold the exit forever. Registered after multiprocessing's exit handler, this runs first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _note(signum, frame) -> None:
