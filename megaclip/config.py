@@ -6,6 +6,8 @@ line before any process group starts.
 """
 from __future__ import annotations
 
+import glob
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,3 +459,21 @@ def _validate_data(m: Any, dp: int) -> None:
             check_sources(parse_sources(d.train_shards), d, dp)
         except ValueError as e:
             raise ConfigError(f"model.data.train_shards: {e}") from None
+    elif not d.resampled:
+        _validate_synthetic_shard_count(d, dp)
+
+
+def _validate_synthetic_shard_count(d: Any, dp: int) -> None:
+    """The synthetic train split, like any other, needs a shard for every DP rank's every loader worker."""
+    from megaclip.data import prepare, synthetic
+
+    readers = max(1, d.num_workers)
+    if prepare.synthetic_status(d.synthetic_dir) == "complete":
+        shards = len(glob.glob(os.path.join(glob.escape(d.synthetic_dir), "train-*.tar")))
+        if shards < dp * readers:
+            raise ConfigError(f"model.data.synthetic_dir {d.synthetic_dir} holds {shards} train shard(s), too few for "
+                              f"{dp} data-parallel ranks x {readers} loader workers (or set model.data.resampled=true)")
+    elif math.ceil(d.synthetic_train_samples / synthetic.SAMPLES_PER_SHARD) < dp * readers:
+        raise ConfigError(f"model.data.synthetic_train_samples {d.synthetic_train_samples} make too few train shards of "
+                          f"{synthetic.SAMPLES_PER_SHARD} for {dp} data-parallel ranks x {readers} loader workers: "
+                          f"need at least {(dp * readers - 1) * synthetic.SAMPLES_PER_SHARD + 1} (or model.data.resampled=true)")

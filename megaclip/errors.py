@@ -1,10 +1,11 @@
 """How a run ends on an error it understands: one ``megaclip: error: ...`` line, the exit code README
 promises, and the line handed to torchrun as the failure's root cause.
 
-Only the standard library here: the entry point reports config errors before torch is imported.
+Only the standard library here: it must work however far the start-up got.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -32,7 +33,8 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def exit_with_error(message: str, code: int = BAD_INPUT, *, consequence: bool = False) -> NoReturn:
+def exit_with_error(message: str, code: int = BAD_INPUT, *, consequence: bool = False,
+                    stop_received: bool = False) -> NoReturn:
     """Print ``megaclip: error: <message>`` to stderr and end this process with ``code``.
 
     torchrun kills the other workers as soon as one exits, so the rank that speaks first must be the
@@ -40,20 +42,33 @@ def exit_with_error(message: str, code: int = BAD_INPUT, *, consequence: bool = 
     read): rank 0 reports at once and the others wait a moment, so torchrun kills them silent and the
     line appears once. An error only one rank meets (its own checkpoint file, its own data) is still
     reported by that rank, after the wait, naming the rank. A ``consequence`` (a peer rank's death
-    seen in a collective) waits on every rank: the rank that died has said why, or torchrun will.
+    seen in a collective) waits on every rank: the rank that died has said why, or torchrun will. A
+    rank that would wait but has ``stop_received`` already (torchrun ends the others with SIGTERM,
+    which a preemption handler turns into a flag) exits at once, silent: another rank failed first.
 
-    The process group is left as it is (SystemExit, no shutdown): destroying it can block on peers
-    stuck in a collective this rank will never join; exiting frees it anyway. atexit handlers still run.
+    The process then ends at once: its atexit handlers run (a lock file is released), the rest of an
+    interpreter's exit does not. That rest (destroying the process group, unloading torch) takes
+    seconds, in which this rank, still alive to torchrun, has already dropped its peers, which then
+    fail on their own and outlast their grace; destroying the group can also block on peers stuck in
+    a collective this rank will never join.
     """
     rank = int(os.environ.get("RANK", "0"))
     line = f"megaclip: error: {message}" if rank == 0 else f"megaclip: error: rank {rank}: {message}"
-    _record_for_launcher(line)
     if rank != 0 or consequence:
+        if stop_received:
+            _exit_now(code)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a preemption handler would turn torchrun's kill into a flag
         time.sleep(PEER_GRACE_S)
-    sys.stdout.flush()
+    _record_for_launcher(line)  # only now: torchrun names the earliest record the root cause
     print(line, file=sys.stderr, flush=True)
-    sys.exit(code)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # CPython's own way to run them; nothing public does, short of a full exit
+    os._exit(code)
 
 
 def _record_for_launcher(line: str) -> None:

@@ -1,13 +1,12 @@
 """The training loop: build everything from the config, step, log, evaluate, checkpoint."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 
-from megaclip import distributed, precision, zeroshot
+from megaclip import distributed, errors, precision, zeroshot
 from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint.model import init_model_from
 from megaclip.checkpoint import training as checkpointing
@@ -15,9 +14,11 @@ from megaclip.config import ConfigError, micro_batch_size
 from megaclip.data import prepare
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.loader import build_train_loader, skipped_across_ranks
+from megaclip.data.samples import DataError
 from megaclip.data.tokenizer import build_tokenizer
 from megaclip.data.transforms import transforms_from_config
 from megaclip.evaluate import evaluate_retrieval
+from megaclip.guard import NonFiniteError, stop_signal_received
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.monitor import TrainingMonitor
@@ -153,11 +154,24 @@ def train(cfg, world_size: int) -> TrainResult:
 
 
 def main(cfg, world_size: int) -> int:
+    """Train; an error the run understands ends this process with one line and README's exit code
+    (errors.exit_with_error), anything else with its traceback."""
     try:
         train(cfg, world_size)
-    except (ConfigError, CheckpointError) as e:
-        print(f"megaclip: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
+    except (ConfigError, CheckpointError, DataError) as e:
+        fail(errors.one_line(e), errors.BAD_INPUT)
+    except NonFiniteError as e:
+        fail(errors.one_line(e), errors.NON_FINITE)
+    except RuntimeError as e:
+        failure = distributed.peer_failure(e)  # a collective timed out or lost its peer: one line
+        if failure is None:
+            raise
+        # a lost connection is the echo of a peer's exit, whose own line says why
+        fail(failure, errors.COLLECTIVE_FAILED, consequence="lost the connection" in failure)
+    distributed.shutdown()
     return 0
+
+
+def fail(message: str, code: int, consequence: bool = False):
+    """errors.exit_with_error, told whether a stop signal (torchrun ending the job) came first."""
+    errors.exit_with_error(message, code, consequence=consequence, stop_received=stop_signal_received() is not None)

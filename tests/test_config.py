@@ -59,6 +59,8 @@ def isolated_cwd(tmp_path_factory, monkeypatch):
     (1, ["model.text.layernorm_epsilon=0"], "model.text.layernorm_epsilon must be > 0, got 0.0"),
     (1, ["seed=-1"], "model.seed must be in [0, 2**32), got -1"),
     (1, ["trainer.device=tpu"], "trainer.device must be auto, cpu or cuda, got 'tpu'"),
+    (2, ["model.data.synthetic_train_samples=64"], "model.data.synthetic_train_samples 64 make too few train shards of "
+                                                   "1024 for 2 data-parallel ranks x 1 loader workers: need at least 1025"),
 ])
 def test_bad_config_is_one_clear_line(monkeypatch, world, args, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))

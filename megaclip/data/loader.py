@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megaclip.data.samples import SKIP_KINDS, SampleDecoder, Skipped, read_shards
+from megaclip.data.samples import SKIP_KINDS, DataError, SampleDecoder, Skipped, read_shards
 from megaclip.data.shards import epoch_shards, parse_sources, resampled_shards
 
 _MAX_EMPTY_EPOCHS = 20
@@ -90,7 +90,7 @@ class _TrainStream(IterableDataset):
         for (epoch, window, index), sample in self.undecoded(reader, self.starts[reader]):
             # a reader may draw only bad shards for an epoch; for many in a row, the data is unusable
             if epoch > last_good_epoch + _MAX_EMPTY_EPOCHS:
-                raise RuntimeError(f"data-parallel rank {self.dp_rank} reader {reader}: not one usable sample in "
+                raise DataError(f"data-parallel rank {self.dp_rank} reader {reader}: not one usable sample in "
                                    f"{_MAX_EMPTY_EPOCHS} epochs ({dict(counts)})")
             try:
                 captions, _, image = self.decoder(sample)

@@ -21,6 +21,10 @@ BAD_SHARD = "__bad_shard__"  # the key of the marker sample read_shards yields f
 _reported_shards = set()  # bad shards this process has warned about: a shard is read again every epoch
 
 
+class DataError(RuntimeError):
+    """Input the run cannot go on with (not bad samples, which are skipped); the message is one line."""
+
+
 class Skipped(Exception):
     def __init__(self, kind: str):
         super().__init__(kind)

@@ -36,6 +36,8 @@ POSITIONS = (
     ("at the bottom left", 2, 0), ("at the bottom", 2, 1), ("at the bottom right", 2, 2),
 )
 
+SAMPLES_PER_SHARD = 1024
+
 
 @dataclass(frozen=True)
 class SyntheticShards:
@@ -115,7 +117,7 @@ def _write_split(directory: str, split: str, combinations, samples_per_shard: in
 
 
 def write_synthetic_shards(
-    out_dir: str, *, image_size: int = 64, train_samples: int = 16384, samples_per_shard: int = 1024, seed: int = 0
+    out_dir: str, *, image_size: int = 64, train_samples: int = 16384, samples_per_shard: int = SAMPLES_PER_SHARD, seed: int = 0
 ) -> SyntheticShards:
     """Write train/val shards and a tokenizer trained on the train captions into out_dir.
 
