@@ -13,6 +13,7 @@ import torch
 from megaclip import distributed
 from megaclip.checkpoint import latest
 from megaclip.checkpoint import training as checkpointing
+from megaclip.config import ConfigError, load_config, validate
 from megaclip.guard import NonFiniteError, StepGuard
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
@@ -159,3 +160,12 @@ def test_a_diverging_run_stops_with_exit_code_3_and_keeps_its_last_good_checkpoi
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000008"]
     weights = torch.load(good / "model" / "tp_00.pt")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.max_consecutive_nonfinite=0", "trainer.max_consecutive_nonfinite must be >= 1, got 0"),
+    ("exp_manager.checkpoint.every_n_minutes=-5", "exp_manager.checkpoint.every_n_minutes must be >= 0 (0: off), got -5.0"),
+])
+def test_the_guard_settings_are_validated(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(load_config("clip_tiny", [override]), world_size=1, data=False)
