@@ -152,11 +152,13 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer layer (names, and so checkpoints, unchanged)
     compile_backend: str = "inductor"
+    max_consecutive_nonfinite: int = 5  # non-finite steps in a row (each skips its update) before the run stops
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 0  # 0: only at the end of the run
+    every_n_steps: int = 0  # 0: only at the end of the run (and on a stop signal)
+    every_n_minutes: float = 0  # also save when this much wall-clock time has passed since the last save; 0: off
     save_top_k: int = 2  # complete checkpoints kept (the newest)
 
 
@@ -265,9 +267,11 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
             f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
-    for key in ("max_steps", "log_every_n_steps", "val_check_interval"):
+    for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
+    if cfg.exp_manager.checkpoint.every_n_minutes < 0:
+        raise ConfigError(f"exp_manager.checkpoint.every_n_minutes must be >= 0 (0: off), got {cfg.exp_manager.checkpoint.every_n_minutes}")
     _validate_device(cfg.trainer.device)
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")

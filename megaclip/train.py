@@ -18,7 +18,7 @@ from megaclip.data.samples import DataError
 from megaclip.data.tokenizer import build_tokenizer
 from megaclip.data.transforms import transforms_from_config
 from megaclip.evaluate import evaluate_retrieval
-from megaclip.guard import NonFiniteError, stop_signal_received
+from megaclip.guard import NonFiniteError, StepGuard, install_stop_handlers, stop_signal_received
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.monitor import TrainingMonitor
@@ -88,6 +88,7 @@ def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
 
 def train(cfg, world_size: int) -> TrainResult:
     m, t = cfg.model, cfg.trainer
+    install_stop_handlers()  # first: a preemption during start-up is honoured at the first step
     device = distributed.init(m.tensor_model_parallel_size, t.device)
     distributed.seed_everything(m.seed)
     data = build_data(cfg, world_size)
@@ -118,28 +119,36 @@ def train(cfg, world_size: int) -> TrainResult:
     elif m.init_from:
         monitor.print(f"weights from {m.init_from}")
 
+    guard = StepGuard(max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+                      every_n_minutes=cfg.exp_manager.checkpoint.every_n_minutes, device=device)
     result, batches = TrainResult(), monitor.timed(iter(data.train))
     for step in range(first_step, t.max_steps + 1):
         images, tokens = next(batches)
         with autocast:
             loss = loss_fn(*model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
         loss.backward()
-        optimizer.finish_gradients(m.optim.grad_clip)
-        optimizer.step()
+        verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip))
+        if verdict.finite:  # otherwise the update is skipped; the step, schedule and data move on
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         model.clamp_logit_scale()
         result.step = step
         result.losses.append(loss.item())
-        monitor.step(step, loss=result.losses[-1], lr=scheduler.get_last_lr()[0],
+        monitor.step(step, loss=result.losses[-1], lr=scheduler.get_last_lr()[0], nonfinite=guard.nonfinite_steps,
                      skipped=lambda: skipped_across_ranks(data.train, device, distributed.dp_group()))
         if step % t.val_check_interval == 0 and step != t.max_steps:
             result.evals[step] = evaluate(model, data, cfg, device, autocast)
             monitor.evaluation(step, result.evals[step])
         every = cfg.exp_manager.checkpoint.every_n_steps
-        if (every and step % every == 0) or step == t.max_steps:
+        if (every and step % every == 0) or step == t.max_steps or verdict.save_due or verdict.stop:
             checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
                                keep=cfg.exp_manager.checkpoint.save_top_k, loss=result.losses[-1], **state)
+            guard.saved()
+        if verdict.stop:
+            monitor.print(f"preempted at step {step}: checkpoint saved, exiting")
+            monitor.close()
+            return result
 
     result.step = max(result.step, first_step - 1)
     final = result.evals[result.step] = evaluate(model, data, cfg, device, autocast)
