@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megaclip.data.samples import SKIP_KINDS, DataError, SampleDecoder, Skipped, read_shards
 from megaclip.data.shards import epoch_shards, parse_sources, resampled_shards
+from megaclip.guard import ignore_stop_signals
 
 _MAX_EMPTY_EPOCHS = 20
 Position = tuple  # (epoch, window, index of the next undecoded sample in the window's shuffled order)
@@ -40,7 +41,7 @@ def worker_index() -> tuple[int, int]:
 def dataloader(dataset, num_workers: int, prefetch_factor: int) -> DataLoader:
     """A DataLoader over a dataset that yields whole batches."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=prefetch_factor if num_workers else None)
+                      prefetch_factor=prefetch_factor if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
 class _TrainStream(IterableDataset):
