@@ -465,6 +465,38 @@ def _validate_data(m: Any, dp: int) -> None:
             raise ConfigError(f"model.data.train_shards: {e}") from None
     elif not d.resampled:
         _validate_synthetic_shard_count(d, dp)
+    v = m.vision
+    for key in ("image_mean", "image_std"):
+        if v[key] is not None and len(v[key]) != 3:
+            raise ConfigError(f"model.vision.{key} needs 3 values (R, G, B), got {list(v[key])}")
+    if v.image_std is not None and min(v.image_std) <= 0:
+        raise ConfigError(f"model.vision.image_std values must be > 0, got {list(v.image_std)}")
+    _validate_zeroshot(d.zeroshot)
+
+
+def _validate_zeroshot(z: Any) -> None:
+    """Zero-shot settings are read at the first evaluation, maybe hours in: read their files now."""
+    from megaclip import zeroshot
+    from megaclip.data.shards import missing_shards
+
+    if z.synthetic not in (None, "colour", "shape"):
+        raise ConfigError(f"model.data.zeroshot.synthetic must be colour, shape or null, got '{z.synthetic}'")
+    if not (z.folder or z.shards):
+        return
+    if z.folder and not Path(z.folder).is_dir():
+        raise ConfigError(f"model.data.zeroshot.folder: no such directory {z.folder}")
+    if not z.folder and missing_shards(z.shards):
+        raise ConfigError(f"model.data.zeroshot.shards: shard file(s) missing, e.g. {missing_shards(z.shards)[0]}")
+    if z.classes is None:
+        raise ConfigError("model.data.zeroshot.classes is not set (a class names file, one per line, in label order)")
+    for key, read in (("classes", zeroshot.read_class_names), ("templates", zeroshot.read_templates)):
+        if z[key] is not None:
+            try:
+                read(z[key])
+            except OSError as e:
+                raise ConfigError(f"model.data.zeroshot.{key}: cannot read {z[key]} ({e.strerror})") from None
+            except ValueError as e:
+                raise ConfigError(f"model.data.zeroshot.{key}: {e}") from None
 
 
 def _validate_synthetic_shard_count(d: Any, dp: int) -> None:

@@ -16,7 +16,7 @@ def main(argv=None) -> int:
         cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
         exit_with_error(str(e))
-    from megaclip.train import main as train  # torch and megatron-core load only once the config is sound
+    from megaclip.train import main as train  # megatron-core and the model load only once the config is sound
 
     return train(cfg, world_size_from_env())
 

@@ -59,6 +59,15 @@ def isolated_cwd(tmp_path_factory, monkeypatch):
     (1, ["model.text.layernorm_epsilon=0"], "model.text.layernorm_epsilon must be > 0, got 0.0"),
     (1, ["seed=-1"], "model.seed must be in [0, 2**32), got -1"),
     (1, ["trainer.device=tpu"], "trainer.device must be auto, cpu or cuda, got 'tpu'"),
+    (1, ["model.vision.image_mean=[0.5,0.5]"], "model.vision.image_mean needs 3 values (R, G, B), got [0.5, 0.5]"),
+    (1, ["model.vision.image_std=[0.5,0.0,0.5]"], "model.vision.image_std values must be > 0"),
+    # read at the first evaluation, possibly hours in
+    (1, ["model.data.zeroshot.synthetic=size"], "model.data.zeroshot.synthetic must be colour, shape or null, got 'size'"),
+    (1, ["model.data.zeroshot.folder=/nonexistent"], "model.data.zeroshot.folder: no such directory /nonexistent"),
+    (1, ["model.data.zeroshot.shards=/nonexistent/{0..1}.tar"], "model.data.zeroshot.shards: shard file(s) missing, e.g. /nonexistent/0.tar"),
+    (1, ["model.data.zeroshot.folder=/", "model.data.zeroshot.templates=/nonexistent.txt", "model.data.zeroshot.classes=/nonexistent.txt"],
+     "model.data.zeroshot.classes: cannot read /nonexistent.txt (No such file or directory)"),
+    (1, ["model.data.zeroshot.folder=/"], "model.data.zeroshot.classes is not set"),
     (2, ["model.data.synthetic_train_samples=64"], "model.data.synthetic_train_samples 64 make too few train shards of "
                                                    "1024 for 2 data-parallel ranks x 1 loader workers: need at least 1025"),
 ])
@@ -166,3 +175,11 @@ def test_resuming_another_architecture_fails_before_start_up(tmp_path):
         config_from_argv(args)
     with pytest.raises(ConfigError, match="model.init_from: no such checkpoint /gone"):
         config_from_argv(args + ["exp_manager.resume_if_exists=false"])
+
+
+def test_zero_shot_templates_are_read_before_the_run(tmp_path):
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    (tmp_path / "templates.txt").write_text("a photo of a thing.\n")
+    with pytest.raises(ConfigError, match=r"model.data.zeroshot.templates: .*templates.txt: every template needs exactly one \{\}"):
+        config_from_argv([f"model.data.zeroshot.folder={tmp_path}", f"model.data.zeroshot.classes={tmp_path}/classes.txt",
+                          f"model.data.zeroshot.templates={tmp_path}/templates.txt"])

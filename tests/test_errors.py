@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from megaclip.checkpoint import CheckpointError, latest, read_meta
 from megaclip.checkpoint import training as checkpointing
+from megaclip.data.samples import DataError
+from megaclip.errors import one_line
 from tests.distributed import run_distributed
 from tests.helpers import SMALL
 from tests.test_checkpoint import BATCH, build, saved_state, train_step
@@ -94,3 +96,16 @@ def test_checkpoint_error_of_one_rank_is_said_by_that_rank_and_the_job_ends(tmp_
     assert "[rank0]" not in proc.stderr and "gloo" not in proc.stderr, proc.stderr  # no traceback of the rank that lost it
     cause = root_cause(proc.stderr)
     assert cause["rank"].startswith("1 ") and cause["exitcode"].startswith("2 ") and cause["traceback"] == lines[0], proc.stderr
+
+
+class _UnusableData(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DataError("data-parallel rank 1 reader 0: not one usable sample in 20 epochs ({'bad_shards': 20})")
+
+
+def test_data_error_from_a_loader_worker_keeps_its_one_line():
+    # torch re-raises a worker's error in the main process with the worker's traceback as its message
+    with pytest.raises(DataError) as caught:
+        next(iter(torch.utils.data.DataLoader(_UnusableData(), batch_size=None, num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert one_line(caught.value) == "data-parallel rank 1 reader 0: not one usable sample in 20 epochs ({'bad_shards': 20})"
