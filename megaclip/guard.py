@@ -50,6 +50,8 @@ def _end_loader_workers() -> None:
     """Loader workers ignore the stop signals (ignore_stop_signals), and so also the SIGTERM with which
     multiprocessing ends daemonic children at exit before it joins them: a loader left running by an
     error would hold the exit forever. Registered after multiprocessing's exit handler, this runs first."""
+    # torch's SIGCHLD handler would report these deaths as a failed loader, a traceback after the line
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
