@@ -152,6 +152,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer layer (names, and so checkpoints, unchanged)
     compile_backend: str = "inductor"
+    collective_timeout_s: float = 600.0  # longest wait for a peer rank in a collective before the run ends (exit 4)
     max_consecutive_nonfinite: int = 5  # non-finite steps in a row (each skips its update) before the run stops
 
 
@@ -272,6 +273,8 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
             raise ConfigError(f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
     if cfg.exp_manager.checkpoint.every_n_minutes < 0:
         raise ConfigError(f"exp_manager.checkpoint.every_n_minutes must be >= 0 (0: off), got {cfg.exp_manager.checkpoint.every_n_minutes}")
+    if cfg.trainer.collective_timeout_s <= 0:
+        raise ConfigError(f"trainer.collective_timeout_s must be > 0 seconds, got {cfg.trainer.collective_timeout_s}")
     _validate_device(cfg.trainer.device)
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")

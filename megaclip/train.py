@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 
-from megaclip import distributed, errors, precision, zeroshot
+from megaclip import distributed, errors, precision, run_lock, zeroshot
 from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint.model import init_model_from
 from megaclip.checkpoint import training as checkpointing
@@ -66,6 +66,7 @@ def build_data(cfg, world_size: int) -> Data:
 def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
     """Retrieval on the val split, and zero-shot classification where configured; every DP rank
     evaluates its share."""
+    distributed.doing("evaluation")
     dp_group, z = distributed.dp_group(), cfg.model.data.zeroshot
     metrics = evaluate_retrieval(model, data.val(), device, autocast, dp_group)
     tasks = []
@@ -89,7 +90,8 @@ def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
 def train(cfg, world_size: int) -> TrainResult:
     m, t = cfg.model, cfg.trainer
     install_stop_handlers()  # first: a preemption during start-up is honoured at the first step
-    device = distributed.init(m.tensor_model_parallel_size, t.device)
+    device = distributed.init(m.tensor_model_parallel_size, t.device, t.collective_timeout_s)
+    run_lock.hold_for_run(cfg.exp_manager.exp_dir)  # before anything is written there
     distributed.seed_everything(m.seed)
     data = build_data(cfg, world_size)
     model = CLIPModel(m)
@@ -123,6 +125,7 @@ def train(cfg, world_size: int) -> TrainResult:
                       every_n_minutes=cfg.exp_manager.checkpoint.every_n_minutes, device=device)
     result, batches = TrainResult(), monitor.timed(iter(data.train))
     for step in range(first_step, t.max_steps + 1):
+        distributed.doing("training", step)
         images, tokens = next(batches)
         with autocast:
             loss = loss_fn(*model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))

@@ -70,6 +70,7 @@ def isolated_cwd(tmp_path_factory, monkeypatch):
     (1, ["model.data.zeroshot.folder=/"], "model.data.zeroshot.classes is not set"),
     (2, ["model.data.synthetic_train_samples=64"], "model.data.synthetic_train_samples 64 make too few train shards of "
                                                    "1024 for 2 data-parallel ranks x 1 loader workers: need at least 1025"),
+    (1, ["trainer.collective_timeout_s=0"], "trainer.collective_timeout_s must be > 0 seconds, got 0.0"),
 ])
 def test_bad_config_is_one_clear_line(monkeypatch, world, args, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))
