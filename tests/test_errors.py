@@ -109,3 +109,14 @@ def test_data_error_from_a_loader_worker_keeps_its_one_line():
         next(iter(torch.utils.data.DataLoader(_UnusableData(), batch_size=None, num_workers=1)))
     assert "Original Traceback" in str(caught.value)
     assert one_line(caught.value) == "data-parallel rank 1 reader 0: not one usable sample in 20 epochs ({'bad_shards': 20})"
+
+
+def test_unusable_train_data_is_said_once(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "empty.tar").write_bytes(b"")
+    (tmp_path / "bad" / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
+    proc = torchrun(f"model.data.train_shards={tmp_path}/bad", f"model.data.synthetic_dir={tmp_path}/data",
+                    "model.data.synthetic_train_samples=64", f"exp_manager.exp_dir={tmp_path}/run", "steps=3")
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("megaclip: error: data-parallel rank 0 reader 0: not one usable sample"), proc.stderr
+    assert "[rank" not in proc.stderr and root_cause(proc.stderr)["exitcode"].startswith("2 "), proc.stderr
