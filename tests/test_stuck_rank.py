@@ -6,12 +6,15 @@ import re
 import signal
 import subprocess
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megaclip import distributed
+from megaclip.data import prepare
 from tests.distributed import run_distributed
+from tests.helpers import small_config
 from tests.processes import of_run, workers_of
 from tests.test_resume import ENV, ROOT, command
 
@@ -69,3 +72,15 @@ def _all_reduce_after_rank_1_left():
 def test_a_peer_that_exited_is_named_as_a_lost_connection():
     message = run_distributed(_all_reduce_after_rank_1_left, 2)[0]
     assert message == "lost the connection to a peer rank in evaluation at step 7; a rank stopped or died (its own message says why)"
+
+
+def _generate_while_the_other_waits(synthetic_dir):
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=0.5))  # far below the seconds generating takes
+    prepare.ensure_synthetic(small_config(f"model.data.synthetic_dir={synthetic_dir}",
+                                          "model.data.synthetic_train_samples=1024").model)
+    return prepare.synthetic_status(synthetic_dir)
+
+
+def test_generating_the_synthetic_set_outlasts_a_short_collective_timeout(tmp_path):
+    # rank 0 generates the set while rank 1 waits: a wait of its own, not the run's collective timeout
+    assert run_distributed(_generate_while_the_other_waits, 2, 1, str(tmp_path / "synthetic")) == ["complete"] * 2
