@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional
 
 import torch.distributed as dist
 
+from megaclip import errors
 from megaclip.config import ConfigError
 
 LOCK_FILE = "run.lock"
@@ -84,7 +85,9 @@ def _process_gone(pid: int) -> bool:
 
 def _exit_on_loss(message: str) -> None:
     print(f"megaclip: error: {message}", file=sys.stderr, flush=True)
-    os._exit(2)  # from the heartbeat thread: nothing more may be written beside the new holder
+    # From the heartbeat thread, at once: nothing more may be written beside the new holder, and the
+    # lock is not this run's to release.
+    os._exit(errors.BAD_INPUT)
 
 
 class RunLock:
