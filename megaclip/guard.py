@@ -19,7 +19,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,10 @@ class NonFiniteError(RuntimeError):
 _received: Optional[str] = None  # the name of the first stop signal this process got
 
 
-def install_stop_handlers(signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+def install_stop_handlers() -> None:
     """Handlers that only note a stop signal; the loop saves and exits at the next step boundary.
     Installed in the training process as early as possible (a signal during start-up still counts)."""
-    for sig in signals:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _note)
     atexit.register(_end_loader_workers)
 
