@@ -120,3 +120,29 @@ def test_unusable_train_data_is_said_once(tmp_path):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("megaclip: error: data-parallel rank 0 reader 0: not one usable sample"), proc.stderr
     assert "[rank" not in proc.stderr and root_cause(proc.stderr)["exitcode"].startswith("2 "), proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 7 MiB tmpfs: room for one checkpoint of the test run below (4.4 MiB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_run_on_a_full_disk_ends_with_one_line_and_keeps_its_checkpoint(tmp_path, small_disk):
+    run = small_disk / "run"
+    proc = torchrun("tp=2", f"model.data.synthetic_dir={tmp_path}/data", "model.data.synthetic_train_samples=64",
+                    f"exp_manager.exp_dir={run}", "steps=4", "exp_manager.checkpoint.every_n_steps=2",
+                    "trainer.val_check_interval=100", "exp_manager.create_tensorboard_logger=false")
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and re.fullmatch(rf"megaclip: error: no space left on device: {run}/checkpoints/step_0000004\.partial/"
+                                            r"\S+\.tmp, previous checkpoint step_0000002 is intact", lines[0]), proc.stderr
+    assert root_cause(proc.stderr)["exitcode"].startswith("2 "), proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert latest(run / "checkpoints").name == "step_0000002"
