@@ -22,7 +22,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+try:
+    from megatron.core import parallel_state
+except ModuleNotFoundError as e:  # megatron-core >= 0.18 imports triton, which CPU-only torch builds lack
+    if e.name != "triton":
+        raise
+    raise ImportError("megatron-core >= 0.18 needs triton, which this torch build lacks: "
+                      "pip install triton (it imports without a GPU), or pip install 'megatron-core<0.18'") from None
 
 # torch 2.13 renamed the flat-tensor collectives (the old names now warn); older torch has only those.
 all_gather_into_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)

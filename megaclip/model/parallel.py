@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# megaclip.distributed first: it imports megatron-core with a clear message when triton is missing
+from megaclip.distributed import all_gather_into_tensor, all_reduce_coalesced, reduce_scatter_tensor
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
-
-from megaclip.distributed import all_gather_into_tensor, all_reduce_coalesced, reduce_scatter_tensor
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
