@@ -51,9 +51,10 @@ def test_full_disk_on_one_rank_fails_the_save_on_every_rank_and_keeps_the_previo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]  # the failed .partial is gone
 
 
-def torchrun(*args, nproc=2, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "examples/pretrain_clip.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+def torchrun(*args):
+    """The main job on 2 processes, as README runs it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megaclip.pretrain", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def error_lines(stderr):
