@@ -125,13 +125,26 @@ def test_unwritable_experiment_directory_is_a_config_error(tmp_path):
         config_from_argv(["exp_manager.exp_dir=/proc/megaclip/run"])
 
 
-def test_read_only_experiment_directory_is_a_config_error(tmp_path):
-    read_only = tmp_path / "read_only"
-    read_only.mkdir(mode=0o555)
-    if os.access(read_only, os.W_OK):  # root writes through permission bits; /proc above covers it
-        pytest.skip("this user can write into a mode-555 directory")
-    with pytest.raises(ConfigError, match=f"is not writable: cannot create a file in {read_only} \\(Permission denied\\)"):
-        config_from_argv([f"exp_manager.exp_dir={read_only}/run"])
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only mount where root may mount one (root writes through permission bits), else a
+    mode-555 directory."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True).returncode == 0:
+        yield directory
+        subprocess.run(["umount", str(directory)], check=True)
+        return
+    directory.chmod(0o555)
+    if os.access(directory, os.W_OK):
+        pytest.skip("root without the right to mount writes into any directory")
+    yield directory
+
+
+def test_read_only_experiment_directory_is_a_config_error(read_only_dir):
+    with pytest.raises(ConfigError, match=f"is not writable: cannot create a file in {read_only_dir} "
+                                          r"\((Read-only file system|Permission denied)\)"):
+        config_from_argv([f"exp_manager.exp_dir={read_only_dir}/run"])
 
 
 def test_synthetic_directory_with_stray_files_is_a_config_error(tmp_path):
