@@ -48,6 +48,8 @@ class TowerConfig:
     activations_checkpoint_granularity: Optional[str] = None  # null | full
     activations_checkpoint_method: Optional[str] = None  # uniform (chunks of k layers) | block (first k layers)
     activations_checkpoint_num_layers: int = 1
+    drop_path_rate: float = 0.0  # stochastic depth (train only): the last layer's rate, rising from 0 at the first
+    use_flash_attention: bool = False  # flash-attn's kernel when installed, on CUDA, in bf16/fp16; else SDPA (said once)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class VisionConfig(TowerConfig):
     num_channels: int = 3
     class_token_length: int = 1
     global_average_pool: bool = False
+    drop_patch_rate: float = 0.0  # patch dropout (train only): share of each image's patches left out
     image_mean: Optional[List[float]] = None
     image_std: Optional[List[float]] = None
 
@@ -123,6 +126,12 @@ class DataConfig:
 
 
 @dataclass
+class SigLipConfig:
+    init_logit_scale: float = 2.302585092994046  # ln 10: the temperature t = exp(t') starts at 10
+    init_logit_bias: float = -10.0
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -130,8 +139,10 @@ class ModelConfig:
     tensor_model_parallel_size: int = 1
     micro_batch_size: Optional[int] = None  # None: global_batch_size / data-parallel size
     global_batch_size: int = 64
-    local_loss: bool = False
-    gather_with_grad: bool = True
+    loss: str = "clip"  # clip | siglip (megaclip.objectives)
+    local_loss: bool = False  # clip only
+    gather_with_grad: bool = True  # clip only
+    siglip: SigLipConfig = field(default_factory=SigLipConfig)
     seed: int = 1234
     init_from: Optional[str] = None  # checkpoint (any TP) whose weights start a new run, e.g. a converted one
     linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
@@ -266,6 +277,8 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         raise ConfigError(
             f"model.micro_batch_size {m.micro_batch_size} x data-parallel size {dp} != global_batch_size "
             f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
+    if m.loss not in ("clip", "siglip"):
+        raise ConfigError(f"model.loss '{m.loss}' is not available (choose clip or siglip)")
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
     for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite"):
@@ -318,6 +331,13 @@ def _validate_sequence_parallel(m: Any, tp: int, patches: int) -> None:
         fits = [c for c in range(1, 4 * tp + 1) if (c + patches) % tp == 0][0]
         raise ConfigError(f"model.sequence_parallel: vision sequence {m.vision.class_token_length} class token(s) + {patches} "
                           f"patches = {seq} is not divisible by tp {tp} (e.g. model.vision.class_token_length={fits})")
+    if m.vision.drop_patch_rate:
+        from megaclip.model.regularisers import kept_patch_count
+
+        try:
+            kept_patch_count(patches, m.vision.drop_patch_rate, m.vision.class_token_length, tp)
+        except ValueError as e:
+            raise ConfigError(f"model.vision.drop_patch_rate {m.vision.drop_patch_rate} {e}") from None
 
 
 def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
@@ -331,10 +351,12 @@ def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
 # code that reads the key needs, e.g. a global batch of 0 never completes a step and hangs the run.
 _TOWER_RANGES = [(key, ">=", 1) for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                            "encoder_seq_length", "activations_checkpoint_num_layers")] + [
-    ("layernorm_epsilon", ">", 0), ("hidden_dropout", "in [0, 1)", None), ("attention_dropout", "in [0, 1)", None)]
+    ("layernorm_epsilon", ">", 0), ("hidden_dropout", "in [0, 1)", None), ("attention_dropout", "in [0, 1)", None),
+    ("drop_path_rate", "in [0, 1)", None)]
 _RANGES = [(f"model.{tower}.{key}", op, bound) for tower in ("vision", "text") for key, op, bound in _TOWER_RANGES] + [
     ("model.vision.patch_dim", ">=", 1), ("model.vision.img_h", ">=", 1), ("model.vision.img_w", ">=", 1),
     ("model.vision.num_channels", ">=", 1), ("model.vision.class_token_length", ">=", 0),
+    ("model.vision.drop_patch_rate", "in [0, 1)", None),
     ("model.text.vocab_size", ">=", 1), ("model.output_dim", ">=", 1), ("model.tensor_model_parallel_size", ">=", 1),
     ("model.global_batch_size", ">=", 1), ("model.micro_batch_size", ">=", 1), ("model.seed", "in [0, 2**32)", None),
     ("model.optim.lr", ">", 0), ("model.optim.weight_decay", ">=", 0), ("model.optim.eps", ">", 0),

@@ -7,16 +7,21 @@ import contextlib
 import torch
 from torch import nn
 
+FP32_SCALARS = ("logit_scale", "logit_bias")  # learned scalars of the objectives, fp32 under O2
+
 
 def is_o2(cfg) -> bool:
     return cfg.trainer.precision == "bf16" and cfg.model.megatron_amp_O2
 
 
 def prepare_model(model: nn.Module, cfg) -> nn.Module:
-    """Cast to bf16 for O2, keeping the logit scale fp32 (its exp multiplies every logit)."""
+    """Cast to bf16 for O2, keeping the objective's scalars fp32 (the logit scale's exp multiplies
+    every logit; bf16 would round SigLIP's bias of -10 in steps of 1/16)."""
     if is_o2(cfg):
         model.to(torch.bfloat16)
-        model.logit_scale.data = model.logit_scale.data.float()
+        for name in FP32_SCALARS:
+            if hasattr(model, name):
+                getattr(model, name).data = getattr(model, name).data.float()
     return model
 
 

@@ -19,9 +19,9 @@ from megaclip.data.tokenizer import build_tokenizer
 from megaclip.data.transforms import transforms_from_config
 from megaclip.evaluate import evaluate_retrieval
 from megaclip.guard import NonFiniteError, StepGuard, install_stop_handlers, stop_signal_received
-from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.monitor import TrainingMonitor
+from megaclip.objectives import build_objective
 from megaclip.optim import build_optimizer, cosine_schedule
 
 
@@ -105,7 +105,7 @@ def train(cfg, world_size: int) -> TrainResult:
             tower.transformer.compile_layers(t.compile_backend)
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
-    loss_fn = ClipLoss(m.local_loss, m.gather_with_grad, group=distributed.dp_group())
+    objective = build_objective(m, distributed.dp_group())
     autocast = precision.autocast(cfg, device)
 
     state = dict(model=model, optimizer=optimizer, loader=data.train)
@@ -128,7 +128,7 @@ def train(cfg, world_size: int) -> TrainResult:
         distributed.doing("training", step)
         images, tokens = next(batches)
         with autocast:
-            loss = loss_fn(*model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
+            loss = objective(model, images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
         loss.backward()
         verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip))
         if verdict.finite:  # otherwise the update is skipped; the step, schedule and data move on

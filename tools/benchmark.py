@@ -37,9 +37,9 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
 
     from megaclip import distributed, precision
     from megaclip.config import load_config, micro_batch_size, validate, world_size_from_env
-    from megaclip.losses import ClipLoss
     from megaclip.model import CLIPModel
     from megaclip.monitor import peak_memory_bytes
+    from megaclip.objectives import build_objective
     from megaclip.optim import build_optimizer
 
     cfg = load_config(config_name, overrides)
@@ -49,7 +49,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
     distributed.seed_everything(cfg.model.seed)
     model = precision.prepare_model(CLIPModel(cfg.model), cfg).to(device)
     optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
-    loss_fn = ClipLoss(cfg.model.local_loss, cfg.model.gather_with_grad, group=distributed.dp_group())
+    objective = build_objective(cfg.model, distributed.dp_group())
     v, t, batch = cfg.model.vision, cfg.model.text, micro_batch_size(cfg, world)
     images = torch.randn(batch, v.num_channels, v.img_h, v.img_w, device=device)
     tokens = torch.randint(1, t.vocab_size, (batch, t.encoder_seq_length), device=device)
@@ -57,7 +57,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
     for _ in range(steps):
         start = time.perf_counter()
         with precision.autocast(cfg, device):
-            loss = loss_fn(*model(images, tokens))
+            loss = objective(model, images, tokens)
         loss.backward()
         optimizer.finish_gradients(cfg.model.optim.grad_clip)
         optimizer.step()

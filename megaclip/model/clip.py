@@ -1,5 +1,5 @@
-"""CLIP: an image tower and a text tower projected into one normalised space, and a learned
-temperature."""
+"""CLIP: an image tower and a text tower projected into one normalised space, and the learned
+scalars of the objective (a temperature; SigLIP's bias too)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaclip.model.parallel import Linears
+from megaclip.objectives import requirements
 from megaclip.model.text import TextTower
 from megaclip.model.vision import VisionTower
 
@@ -22,7 +23,8 @@ class CLIPModel(nn.Module):
         linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl, cfg.sequence_parallel)
         self.visual = VisionTower(cfg.vision, cfg.output_dim, linears)
         self.text = TextTower(cfg.text, cfg.output_dim, linears)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        for name, initial in requirements(cfg).scalars.items():  # after the towers, where the logit scale always was
+            self.register_parameter(name, nn.Parameter(torch.tensor(float(initial))))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(images), dim=-1)
