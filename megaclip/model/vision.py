@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megaclip.model.parallel import Linears
+from megaclip.model.regularisers import PatchDropout
 from megaclip.model.transformer import ParallelTransformer
 
 
@@ -20,6 +21,10 @@ class VisionTower(nn.Module):
         self.conv1 = nn.Conv2d(cfg.num_channels, width, kernel_size=patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.class_token_length, width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.class_token_length + num_patches, width))
+        # Under sequence parallelism the kept tokens must split evenly over TP (get: configs saved
+        # before the key existed).
+        self.patch_dropout = PatchDropout(cfg.get("drop_patch_rate", 0.0), cfg.class_token_length,
+                                          linears.tp if linears.sequence_parallel else 1)
         self.ln_pre = nn.LayerNorm(width, eps=cfg.layernorm_epsilon)
         self.transformer = ParallelTransformer(cfg, causal=False, linears=linears)
         self.ln_post = nn.LayerNorm(width, eps=cfg.layernorm_epsilon)
@@ -28,7 +33,7 @@ class VisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [b, patches, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.patch_dropout(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = self.ln_post(self.transformer(self.ln_pre(x)))
         pooled = x[:, self.num_class_tokens:].mean(1) if self.global_average_pool else x[:, 0]
         return pooled @ self.proj

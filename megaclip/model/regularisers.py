@@ -1,0 +1,81 @@
+"""Train-time regularisers of the towers: patch dropout (FLIP) and stochastic depth (drop path).
+
+Their randomness comes from torch's global generator, which every rank seeds alike and consumes
+alike, and is drawn for the whole data-parallel batch, of which each rank keeps its own rows. So a
+sample's mask depends only on the seed, the step and the sample's place in the global batch: the ranks
+of a TP group (same samples) agree without communicating, and every TP/DP layout drops the same
+patches and residual branches as one process does.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+
+def kept_patch_count(num_patches: int, rate: float, class_tokens: int = 0, multiple: int = 1) -> int:
+    """Patches kept per image: open_clip's ``max(1, int(N * (1 - p)))`` (the same float arithmetic, so
+    a run keeps as many as open_clip's would), rounded down so that class tokens + kept patches divide by
+    ``multiple`` (the TP size under sequence parallelism). Rounding down rather than padding: padding
+    would need an attention mask in every layer, which takes SDPA off its fused kernels, against the
+    point of dropping patches; it costs fewer than ``multiple`` patches."""
+    keep = max(1, int(num_patches * (1 - rate)))
+    fitted = keep - (class_tokens + keep) % multiple
+    if fitted < 1:
+        raise ValueError(f"keeps {keep} of {num_patches} patches; {class_tokens} class token(s) + kept patches "
+                         f"must divide by tp {multiple} under sequence parallelism, and no count from 1 to {keep} "
+                         "does (lower the rate)")
+    return fitted
+
+
+def rows_of_global_batch(draw: Callable[[int], torch.Tensor], local_batch: int) -> torch.Tensor:
+    """``draw(n)`` for the n samples of the data-parallel global batch; this rank's ``local_batch`` rows."""
+    rank, size = 0, 1
+    if parallel_state.model_parallel_is_initialized():  # models built without process groups are one process
+        rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return draw(size * local_batch)[rank * local_batch:(rank + 1) * local_batch]
+
+
+class PatchDropout(nn.Module):
+    """Keeps the class tokens and a random subset of each image's patch tokens (after the positional
+    embedding, so the kept ones know where they came from); identity in eval mode."""
+
+    def __init__(self, rate: float, class_tokens: int, multiple: int = 1):
+        super().__init__()
+        self.rate, self.class_tokens, self.multiple = rate, class_tokens, multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        classes, patches = x[:, :self.class_tokens], x[:, self.class_tokens:]
+        b, n, width = patches.shape
+        keep = kept_patch_count(n, self.rate, self.class_tokens, self.multiple)
+        # open_clip's choice (top-k of Gaussian noise), so one process keeps the very patches it keeps
+        noise = rows_of_global_batch(lambda rows: torch.randn(rows, n, device=x.device), b)
+        kept = noise.topk(keep, dim=1).indices
+        return torch.cat([classes, patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))], dim=1)
+
+
+class DropPath:
+    """Stochastic depth with timm's schedule: the drop rate of layer i is ``linspace(0, rate, layers)[i]``;
+    each layer's attention and MLP branches are dropped per sample independently, kept ones scaled by
+    1 / (1 - rate) so the expected residual stays the same."""
+
+    def __init__(self, rate: float, num_layers: int):
+        self.rate = rate
+        self.layer_rates = torch.linspace(0, rate, num_layers)
+
+    def scales(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        """[layers, 2 (attention, MLP), batch, 1, 1] factors (0 or 1 / (1 - rate)) for the residual
+        branches, or None when nothing is dropped. Drawn once for the whole tower before the sequence is
+        split over TP, so every sequence shard of a sample uses the same factor, and passed into the
+        layers as input, so activation checkpointing's recompute reuses them (draws nothing)."""
+        if self.rate == 0:
+            return None
+        layers = len(self.layer_rates)
+        noise = rows_of_global_batch(lambda rows: torch.rand(rows, layers, 2, device=device), batch)
+        rates = self.layer_rates.to(device)[:, None, None]
+        keep = noise.permute(1, 2, 0) >= rates
+        return (keep / (1 - rates))[..., None, None]
