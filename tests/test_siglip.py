@@ -1,15 +1,21 @@
 """SigLIP (model.loss=siglip): the ring loss over the DP group against the sigmoid loss of the whole
 global batch on one process and against open_clip's SigLipLoss; the bytes the loss keeps for backward
 do not grow with DP; a whole run learns, checkpoints and resumes."""
+import json
+import math
 import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from megaclip import distributed
-from megaclip.convert import import_library
+from megaclip.convert import import_library, megaclip_config
+from megaclip.convert.open_clip import from_open_clip, open_clip_model_config, to_open_clip
+from megaclip.model import CLIPModel
+from megaclip.model.state import load_full_state_dict
 from megaclip.optim import average_gradients
 from megaclip.sigmoid_loss import sigmoid_loss
 from tests.distributed import run_distributed
@@ -143,10 +149,35 @@ def test_whole_run_learns_and_resumes_at_another_layout(tmp_path):
     assert resumed.stdout.splitlines()[-1].startswith("final: step=81 ")
     shards = [torch.load(run / "checkpoints" / "step_0000081" / "model" / f"tp_{r:02d}.pt") for r in range(2)]
     assert shards[0]["logit_bias"] == shards[1]["logit_bias"]  # replicated over TP
-    # one more step at the lowest learning rate keep what was learned: the weights were loaded
+    # one more step at the lowest learning rate keeps what was learned: the weights were loaded
     assert all(rank < 0.75 * 216.5 for rank in final_mean_ranks(resumed.stdout))
 
 
 def final_mean_ranks(stdout):
     last_eval = [line for line in stdout.splitlines() if line.startswith("eval step")][-1]
     return [float(last_eval.split(f"{key}=")[1].split()[0]) for key in ("i2t_mean_rank", "t2i_mean_rank")]
+
+
+def test_open_clip_logit_bias_converts_both_ways(tmp_path):
+    """An open_clip CLIP with a logit bias (init_logit_bias set) is a megaclip model.loss=siglip model."""
+    open_clip = import_library("open_clip")
+    model_cfg = {"embed_dim": 16, "init_logit_bias": BIAS, "init_logit_scale": math.log(SCALE),
+                 "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 8, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    model = open_clip.create_model(f"local-dir:{tmp_path}")
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.25)  # a trained value, not the initial one
+    overrides, full = from_open_clip(model.state_dict(), model_cfg)
+    cfg = megaclip_config(overrides, 1)
+    assert cfg.model.loss == "siglip" and full["logit_bias"].item() == -7.25
+    ours = CLIPModel(cfg.model)
+    load_full_state_dict(ours, full, 1, 0)  # every name and shape, the bias included
+    assert ours.logit_bias.item() == -7.25
+    back = to_open_clip(full, cfg.model)
+    assert open_clip_model_config(cfg.model)["init_logit_bias"] == BIAS
+    assert back.keys() == model.state_dict().keys() and back["logit_bias"].item() == -7.25
+    # and a CLIP model (no bias) converts without one
+    clip_cfg = OmegaConf.merge(cfg.model, {"loss": "clip"})
+    assert "init_logit_bias" not in open_clip_model_config(clip_cfg)
+    assert "logit_bias" not in to_open_clip({k: v for k, v in full.items() if k != "logit_bias"}, clip_cfg)

@@ -4,7 +4,8 @@ transformer pooled at the end-of-text token (the OpenAI and LAION ViT models).
 The model config is open_clip's dict (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``, as
 ``open_clip.get_model_config`` returns it). Tensors map one to one; the attention input projection
 is re-laid out (megaclip.convert.qkv) and open_clip's single class embedding [w] becomes megaclip's
-[1, w]. Neither side needs open_clip installed.
+[1, w]. A model with a ``logit_bias`` (``init_logit_bias`` set: trained with SigLIP's loss) is a
+``model.loss=siglip`` model, its bias mapped both ways. Neither side needs open_clip installed.
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ _TEXT_PLAIN = {**_BLOCK_PLAIN, "pool_type": ("argmax",), "embed_cls": (False,), 
                "final_ln_after_pool": (False,), "proj_type": ("linear",), "proj_bias": (False,),
                "hf_model_name": (None,), "hf_tokenizer_name": (None,), "tokenizer_mode": (None,),
                "tokenizer_kwargs": (None,)}
-_TOP_PLAIN = {"custom_text": (False,), "multimodal_cfg": (None,), "init_logit_bias": (None,),
-              "nonscalar_logit_scale": (False,)}
+_TOP_PLAIN = {"custom_text": (False,), "multimodal_cfg": (None,), "nonscalar_logit_scale": (False,)}
 # Settings that do not change the weights or the inference output (training-time or unused ones).
 _VISION_INERT = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained",
                  "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
 _TEXT_INERT = {"pad_id", "eos_id", "output_tokens", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
-_TOP_INERT = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype", "output_dict"}
+# init_logit_bias (a number) gives the model SigLIP's logit_bias: megaclip's model.loss=siglip.
+_TOP_INERT = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias", "cast_dtype",
+              "output_dict"}
 
 # (megaclip, open_clip) names of the tensors in one transformer layer.
 _LAYER = [("ln_1.weight", "ln_1.weight"), ("ln_1.bias", "ln_1.bias"),
@@ -68,7 +70,7 @@ def from_open_clip(state_dict: Dict[str, torch.Tensor], model_cfg: Dict) -> Tupl
     heads = {"visual": overrides["vision"]["num_attention_heads"], "text": overrides["text"]["num_attention_heads"]}
     # attn_mask is a buffer, saved in the state dicts of older open_clip versions
     source = {name: tensor for name, tensor in state_dict.items() if name != "attn_mask"}
-    names = _names(overrides["vision"]["num_layers"], overrides["text"]["num_layers"])
+    names = _names(overrides["vision"]["num_layers"], overrides["text"]["num_layers"], overrides["loss"] == "siglip")
     check_names(source, [theirs for _, theirs in names], "open_clip")
     full = {}
     for ours, theirs in names:
@@ -89,6 +91,7 @@ def open_clip_overrides(model_cfg: Dict) -> Dict:
     image_size = _square(vision["image_size"], "vision_cfg.image_size")
     return {
         "output_dim": model_cfg["embed_dim"],
+        **_objective_overrides(model_cfg),
         "vision": {
             **tower_overrides(vision["layers"], vision["width"], int(vision["width"] * vision["mlp_ratio"]),
                               vision["width"] // vision["head_width"], _eps(vision, "vision_cfg"), activation),
@@ -105,12 +108,22 @@ def open_clip_overrides(model_cfg: Dict) -> Dict:
     }
 
 
+def _objective_overrides(model_cfg: Dict) -> Dict:
+    """A model with a logit bias (open_clip's init_logit_bias set) was trained with SigLIP's loss."""
+    if model_cfg.get("init_logit_bias") is None:
+        return {"loss": "clip"}
+    initial = {"init_logit_bias": model_cfg["init_logit_bias"]}
+    if model_cfg.get("init_logit_scale") is not None:
+        initial["init_logit_scale"] = model_cfg["init_logit_scale"]
+    return {"loss": "siglip", "siglip": initial}
+
+
 def to_open_clip(full: State, model_cfg: DictConfig) -> Dict[str, torch.Tensor]:
     """megaclip full state and ``model`` config section -> a state dict that
     ``open_clip.create_model`` of ``open_clip_model_config(model_cfg)`` loads with strict=True."""
     open_clip_model_config(model_cfg)  # raises for what open_clip cannot hold
     heads = {"visual": model_cfg.vision.num_attention_heads, "text": model_cfg.text.num_attention_heads}
-    names = _names(model_cfg.vision.num_layers, model_cfg.text.num_layers)
+    names = _names(model_cfg.vision.num_layers, model_cfg.text.num_layers, _is_siglip(model_cfg))
     check_names(full, [ours for ours, _ in names], "megaclip")
     out = {}
     for ours, theirs in names:
@@ -143,13 +156,19 @@ def open_clip_model_config(model_cfg: DictConfig) -> Dict:
     for cfg, tower in ((vision_cfg, v), (text_cfg, t)):
         if tower.layernorm_epsilon != _LAYER_NORM_EPS:
             cfg["norm_kwargs"] = {"eps": tower.layernorm_epsilon}
+    siglip = ({"init_logit_scale": model_cfg.siglip.init_logit_scale, "init_logit_bias": model_cfg.siglip.init_logit_bias}
+              if _is_siglip(model_cfg) else {})
     return {"embed_dim": model_cfg.output_dim, "quick_gelu": v.activation == "quick_gelu",
-            "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+            "vision_cfg": vision_cfg, "text_cfg": text_cfg, **siglip}
 
 
-def _names(vision_layers: int, text_layers: int) -> List[Tuple[str, str]]:
+def _is_siglip(model_cfg: DictConfig) -> bool:
+    return model_cfg.get("loss", "clip") == "siglip"  # configs written before model.loss are CLIP's
+
+
+def _names(vision_layers: int, text_layers: int, logit_bias: bool) -> List[Tuple[str, str]]:
     """(megaclip, open_clip) names of every tensor of a model with these layer counts."""
-    names = list(_OUTSIDE_LAYERS)
+    names = list(_OUTSIDE_LAYERS) + ([("logit_bias", "logit_bias")] if logit_bias else [])
     for ours, theirs, layers in (("visual.transformer.layers", "visual.transformer.resblocks", vision_layers),
                                  ("text.transformer.layers", "transformer.resblocks", text_layers)):
         names += [(f"{ours}.{i}.{a}", f"{theirs}.{i}.{b}") for i in range(layers) for a, b in _LAYER]
