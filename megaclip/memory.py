@@ -10,9 +10,10 @@ qkv and fc (weight and bias), the weights of the two proj row linears and the to
 padded to a multiple of 128·t) are split over t; everything else is replicated:
     layer    4h (ln_1, ln_2) + (3h² + 3h)/t + h²/t + h + (fh + f)/t + fh/t + h
     vision   conv1 3·p²·h + class k·h + positions (k + patches)·h + ln_pre, ln_post 4h + proj h·o
-    text     tokens V_pad·h/t + positions ctx·h + ln_final 2h + projection h·o;  logit_scale 1
-With n_local elements on a rank and weights of w bytes (2 under bf16 O2, where the logit scale stays
-fp32; else 4):
+    text     tokens V_pad·h/t + positions ctx·h + ln_final 2h + projection h·o
+    the objective's scalars: logit_scale 1 (clip), + logit_bias 1 (siglip)
+With n_local elements on a rank and weights of w bytes (2 under bf16 O2, where the objective's scalars
+stay fp32; else 4):
     params      n_local·w
     grads       n_local·w      flat gradient buffers in the model dtype (plain fused_adam sets them
                                to None after each step, so its peak may be lower by up to this)
@@ -56,6 +57,11 @@ of ln_post's output, T·h·r, unless autocast saves a bf16 copy or global averag
 and the projection output b·o·c; the head is freed before the backward reaches the layers.
 The loss, fp32, over N = d·b samples with R = b (local_loss) or N rows, keeps the normalised features
 of the DP batch 2·N·o·4 and both directions' log-softmax 2·R·N·4; its backward adds 2·R·N·4.
+SigLIP's loss (megaclip.sigmoid_loss) keeps only the local features 2·b·o·4, whatever d; its backward
+adds the feature gradients 2·b·o·4, one block's logits and their gradient terms 3·b²·4, and per stream
+round the ring (min(d - 1, 2)) the message [block, its gradient] sent and the one received, 4·b·o·4.
+(An estimate from the loss's code, not matched to live tensors as the rest is: it is a few b×o and b×b
+tensors, far below a tower's activations.)
 Autocast also keeps a bf16 copy of every matmul weight and bias: 2 bytes per element.
 The text tower's backward runs first (computed later, its autograd nodes have higher sequence
 numbers), with the vision tower still whole, so
@@ -79,6 +85,8 @@ import torch
 
 from megaclip.model.parallel import padded_vocab_size
 from megaclip.model.state import partition_dim
+from megaclip.objectives import requirements
+from megaclip.precision import FP32_SCALARS
 from megaclip.optim.adamw import no_weight_decay
 
 GiB = 2 ** 30
@@ -180,7 +188,8 @@ def parameter_shapes(model_cfg, tp: int) -> Dict[str, Tuple[int, ...]]:
     """``CLIPModel(model_cfg).named_parameters()``'s names and shapes on one rank at TP size ``tp``."""
     v, t = model_cfg.vision, model_cfg.text
     patches = (v.img_h // v.patch_dim) * (v.img_w // v.patch_dim)
-    shapes = {"logit_scale": ()}
+    # a module's own parameters come before its submodules' in named_parameters
+    shapes = {name: () for name in requirements(model_cfg).scalars}
     shapes.update({
         "visual.class_embedding": (v.class_token_length, v.hidden_size),
         "visual.positional_embedding": (v.class_token_length + patches, v.hidden_size),
@@ -219,8 +228,8 @@ def _transformer_shapes(prefix: str, tower, tp: int) -> Dict[str, Tuple[int, ...
 
 
 def weight_bytes(name: str, layout: Layout) -> int:
-    """Bytes per element of parameter ``name``: O2 casts the model to bf16 but the logit scale."""
-    return 2 if layout.bf16_weights and name != "logit_scale" else 4
+    """Bytes per element of parameter ``name``: O2 casts the model to bf16 but the objective's scalars."""
+    return 2 if layout.bf16_weights and name not in FP32_SCALARS else 4
 
 
 def parameter_buckets(model_cfg, layout: Layout) -> Dict[Tuple[int, bool, bool], int]:
@@ -335,6 +344,9 @@ def _tower(tower, output_dim: int, checkpointing: Checkpointing, layout: Layout,
 
 def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
     """(bytes the contrastive loss keeps, bytes its backward adds), fp32."""
+    b, o = layout.micro_batch, model_cfg.output_dim
+    if model_cfg.loss == "siglip":
+        return 2 * b * o * 4, 2 * b * o * 4 + 3 * b * b * 4 + min(layout.dp - 1, 2) * 4 * b * o * 4
     samples = layout.dp * layout.micro_batch
     rows = layout.micro_batch if model_cfg.local_loss else samples
     return 2 * samples * model_cfg.output_dim * 4 + 2 * rows * samples * 4, 2 * rows * samples * 4

@@ -111,16 +111,16 @@ class RingSigmoidLoss(torch.autograd.Function):
             return scale * (d_logits.T @ x)
 
         grad_y = block_grad(y, positive=True)
-        # each stream carries [text block, gradient collected for it]; the owner's part stays home
-        moving = {1: torch.stack([y, torch.zeros_like(y)]), -1: torch.stack([y, torch.zeros_like(y)])}
-        for offsets in ring.schedule():
-            for offset, message in zip(offsets, ring.exchange([(moving[o], o) for o in offsets])):
-                message[1] += block_grad(message[0], positive=False)
-                moving[offset] = message
         if ring.size > 1:
-            # the stream moving right (+1) has gone right_steps to the right of its owner: send it back
+            # each stream carries [text block, gradient collected for it]; the owner's part stays home
+            start = torch.stack([y, torch.zeros_like(y)])
+            moving = {1: start, -1: start}
+            for offsets in ring.schedule():
+                for offset, message in zip(offsets, ring.exchange([(moving[o], o) for o in offsets])):
+                    message[1] += block_grad(message[0], positive=False)
+                    moving[offset] = message
+            # a stream that went k steps right (+1) of its block's owner sends the gradient k steps back
             steps = {1: ring.right_steps, -1: ring.left_steps}
-            back = [(moving[o][1], -o * steps[o]) for o in (1, -1) if steps[o]]
-            for returned in ring.exchange(back):
+            for returned in ring.exchange([(moving[o][1], -o * steps[o]) for o in (1, -1) if steps[o]]):
                 grad_y += returned
         return grads["x"], grad_y, grads["scale"], grads["bias"], None

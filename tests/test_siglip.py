@@ -181,3 +181,19 @@ def test_open_clip_logit_bias_converts_both_ways(tmp_path):
     clip_cfg = OmegaConf.merge(cfg.model, {"loss": "clip"})
     assert "init_logit_bias" not in open_clip_model_config(clip_cfg)
     assert "logit_bias" not in to_open_clip({k: v for k, v in full.items() if k != "logit_bias"}, clip_cfg)
+
+
+@pytest.mark.parametrize("o2", [False, True])
+def test_planner_counts_the_bias(o2):
+    from megaclip import precision
+    from megaclip.memory import Layout, activation_bytes, parameter_shapes, plan_memory
+    from tests.helpers import small_config
+
+    cfg = small_config("model.loss=siglip", f"precision={'bf16' if o2 else '32'}", f"model.megatron_amp_O2={o2}")
+    model = precision.prepare_model(CLIPModel(cfg.model), cfg)
+    assert parameter_shapes(cfg.model, 1) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    layout = Layout.from_config(cfg)
+    assert plan_memory(cfg, layout).params == sum(p.numel() * p.element_size() for p in model.parameters())
+    # the loss keeps the local features only: the same at any DP size for the same local batch
+    kept = [activation_bytes(cfg.model, layout.replace(dp=dp, micro_batch=8)).loss for dp in (2, 4, 64)]
+    assert kept == [2 * 8 * cfg.model.output_dim * 4] * 3

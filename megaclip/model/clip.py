@@ -23,7 +23,7 @@ class CLIPModel(nn.Module):
         linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl, cfg.sequence_parallel)
         self.visual = VisionTower(cfg.vision, cfg.output_dim, linears)
         self.text = TextTower(cfg.text, cfg.output_dim, linears)
-        for name, initial in requirements(cfg).scalars.items():  # after the towers, where the logit scale always was
+        for name, initial in requirements(cfg).scalars.items():
             self.register_parameter(name, nn.Parameter(torch.tensor(float(initial))))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""model.loss picks the objective: the scalars each one adds to the model, and unknown names refused
+in one line before any process starts."""
+import math
+
+import pytest
+import torch
+
+from megaclip.config import ConfigError, validate
+from megaclip.model import CLIPModel
+from megaclip.objectives import ClipObjective, SigLipObjective, build_objective
+from tests.helpers import fixed_batch, small_config
+
+
+def test_clip_is_the_default_and_unchanged():
+    cfg = small_config()
+    model = CLIPModel(cfg.model)
+    assert cfg.model.loss == "clip" and isinstance(build_objective(cfg.model, None), ClipObjective)
+    assert [n for n, _ in model.named_parameters()][0] == "logit_scale" and not hasattr(model, "logit_bias")
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_siglip_adds_its_bias_with_the_configured_initial_values():
+    cfg = small_config("model.loss=siglip", "model.siglip.init_logit_bias=-5")
+    model = CLIPModel(cfg.model)
+    assert [n for n, _ in model.named_parameters()][:2] == ["logit_scale", "logit_bias"]
+    assert model.logit_scale.exp().item() == pytest.approx(10.0) and model.logit_bias.item() == -5.0
+    objective = build_objective(cfg.model, None)
+    assert isinstance(objective, SigLipObjective)
+    images, tokens = fixed_batch(cfg, 4)
+    loss = objective(model, images, tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and model.logit_bias.grad is not None and model.logit_scale.grad is not None
+
+
+@pytest.mark.parametrize("name", ["catlip", "softmax"])
+def test_an_objective_not_available_is_one_line(name):
+    with pytest.raises(ConfigError, match=f"model.loss '{name}' is not available \\(choose clip or siglip\\)") as e:
+        validate(small_config(f"model.loss={name}", "model.vision.encoder_seq_length=null"), 1, data=False)
+    assert "\n" not in str(e.value)
