@@ -10,18 +10,8 @@ import argparse
 import itertools
 import time
 
-from megaclip.data.samples import SampleDecoder, Skipped, read_shards
-from megaclip.data.shards import expand_shards
+from megaclip.data.samples import shard_captions
 from megaclip.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
-
-def shard_captions(shards, caption_key: str):
-    decoder = SampleDecoder(image_keys=[], caption_key=caption_key)
-    for sample in read_shards(expand_shards(shards)):
-        try:
-            yield from decoder.captions(sample)
-        except Skipped:
-            continue
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import webdataset as wds
 from PIL import Image
 
+from megaclip.data.shards import expand_shards
 from megaclip.data.tar_files import tar_files
 
 # a bad shard is counted once, whatever number of samples it lost
@@ -115,3 +116,14 @@ class SampleDecoder:
             raise Skipped("bad_shards")
         # the cheap members first, so a caption-less sample costs no image decode
         return self.captions(sample), self.label(sample), self.image(sample)
+
+
+def shard_captions(shards, caption_key: str = "txt") -> Iterator[str]:
+    """Every caption of the shards (a brace pattern, directory or list) in turn, no image decoded;
+    samples without one are skipped."""
+    decoder = SampleDecoder(image_keys=[], caption_key=caption_key)
+    for sample in read_shards(expand_shards(shards)):
+        try:
+            yield from decoder.captions(sample)
+        except Skipped:
+            continue

@@ -1,0 +1,64 @@
+"""Build CatLIP's synset vocabulary from the captions of webdataset shards.
+
+    python tools/build_synset_vocab.py --shards "data/laion/{00000..00999}.tar" --min-count 500 \\
+        --max-size 24320 --out data/laion/synsets.tsv
+
+Each caption is mapped to WordNet noun synsets (megaclip.data.synsets); a synset is counted once per
+caption. The vocabulary keeps the synsets named by at least --min-count captions, at most --max-size of
+them, most frequent first, and is written as a TSV (synset, name, count). Only caption members are read.
+A failure ends with one line, ``build_synset_vocab: error: ...``, exit code 2, and leaves --out as it was.
+"""
+
+import argparse
+import itertools
+import sys
+import time
+
+from megaclip.data.samples import shard_captions
+from megaclip.data.shards import expand_shards, missing_shards
+from megaclip.data.synset_vocab import SynsetVocabulary, count_synsets
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", required=True, help="brace pattern or directory of .tar shards")
+    parser.add_argument("--out", required=True, help="path of the vocabulary .tsv to write")
+    parser.add_argument("--min-count", type=positive, default=1, help="keep synsets named by at least this many captions")
+    parser.add_argument("--max-size", type=positive, default=None, help="keep at most this many synsets")
+    parser.add_argument("--caption-key", default="txt", help="txt, or json:FIELD")
+    parser.add_argument("--max-captions", type=positive, default=None, help="count over at most this many captions")
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    def fail(message: str) -> int:
+        print(f"build_synset_vocab: error: {message}", file=sys.stderr)
+        return 2
+
+    missing = missing_shards(args.shards)
+    if missing or not expand_shards(args.shards):
+        return fail(f"shard {missing[0]} does not exist" if missing else f"no shards match {args.shards}")
+    counts, captions = count_synsets(itertools.islice(shard_captions(args.shards, args.caption_key), args.max_captions))
+    if captions == 0:
+        return fail(f"the shards {args.shards} hold no captions under '{args.caption_key}'")
+    vocab = SynsetVocabulary.from_counts(counts, min_count=args.min_count, max_size=args.max_size)
+    if len(vocab) == 0:
+        top = max(counts.values(), default=0)
+        return fail(f"no synset is named by {args.min_count} captions (the most frequent by {top}): lower --min-count")
+    try:
+        vocab.save(args.out)
+    except OSError as e:
+        return fail(f"cannot write {args.out}: {e}")
+    print(f"wrote {args.out}: {len(vocab)} synsets of the {len(counts)} named in {captions} captions "
+          f"(counts {vocab.counts[0]}..{vocab.counts[-1]}; {time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
