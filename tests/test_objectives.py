@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError, config_from_argv, validate
 from megaclip.model import CLIPModel
 from megaclip.objectives import ClipObjective, SigLipObjective, build_objective
 from tests.helpers import fixed_batch, small_config
+from tests.test_config import fake_checkpoint
 
 
 def test_clip_is_the_default_and_unchanged():
@@ -37,3 +38,11 @@ def test_an_objective_not_available_is_one_line(name):
     with pytest.raises(ConfigError, match=f"model.loss '{name}' is not available \\(choose clip or siglip\\)") as e:
         validate(small_config(f"model.loss={name}", "model.vision.encoder_seq_length=null"), 1, data=False)
     assert "\n" not in str(e.value)
+
+
+def test_resuming_with_another_objective_fails_before_start_up(tmp_path):
+    fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000005", "model.loss=siglip")
+    with pytest.raises(ConfigError, match="resuming from .*/step_0000005: checkpoint architecture differs from the "
+                                          "config: model.loss is siglip in the checkpoint, clip in the config"):
+        config_from_argv([f"exp_manager.exp_dir={tmp_path}/run"])
+    config_from_argv([f"exp_manager.exp_dir={tmp_path}/run", "model.loss=siglip"])

@@ -65,6 +65,9 @@ def check_architecture(saved, current) -> None:
                    for tower, keys in ARCHITECTURE.items() for key in keys if saved[tower][key] != current[tower][key]]
     if saved.output_dim != current.output_dim:
         differences.append(("model.output_dim", saved.output_dim, current.output_dim))
+    # the objective decides the learned scalars (SigLIP's logit_bias); checkpoints older than the key are CLIP's
+    if saved.get("loss", "clip") != current.loss:
+        differences.append(("model.loss", saved.get("loss", "clip"), current.loss))
     if differences:
         key, was, now = differences[0]
         raise CheckpointError(f"checkpoint architecture differs from the config: {key} is {was} in the checkpoint, "
