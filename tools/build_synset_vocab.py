@@ -1,7 +1,7 @@
 """Build CatLIP's synset vocabulary from the captions of webdataset shards.
 
     python tools/build_synset_vocab.py --shards "data/laion/{00000..00999}.tar" --min-count 500 \\
-        --max-size 24320 --out data/laion/synsets.tsv
+        --max-size 25000 --out data/laion/synsets.tsv
 
 Each caption is mapped to WordNet noun synsets (megaclip.data.synsets); a synset is counted once per
 caption. The vocabulary keeps the synsets named by at least --min-count captions, at most --max-size of

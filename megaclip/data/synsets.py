@@ -116,8 +116,6 @@ class NounLexicon:
         """The synset a word, or a phrase of words, stands for in a caption; None if none."""
         if len(words) == 1 and words[0] in FUNCTION_WORDS:
             return None
-        if len(words) > 1 and "_".join(words[:-1]) not in self.phrase_heads:
-            return None
         for lemma in sorted(self.lemmas("_".join(words)), key=len):
             synset = self.first_senses[lemma]
             if len(words) > 1 or synset.name == f"{lemma}.n.01":
@@ -131,6 +129,8 @@ class NounLexicon:
         start = 0
         while start < len(words):
             for length in range(min(MAX_PHRASE_WORDS, len(words) - start), 0, -1):
+                if length > 1 and "_".join(words[start:start + length - 1]) not in self.phrase_heads:
+                    continue
                 synset = self.synset(tuple(words[start:start + length]))
                 if synset is not None:
                     found.setdefault(synset, None)
