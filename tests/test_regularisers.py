@@ -1,5 +1,8 @@
 """Patch dropout, stochastic depth and use_flash_attention: the rules they follow, the same numbers at every
 TP/DP layout, with sequence parallelism and with activation checkpointing, and nothing of them in eval."""
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from megaclip.model.regularisers import DropPath, PatchDropout, kept_patch_count
 from megaclip.optim import build_optimizer
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
+from tests.test_resume import ENV, ROOT, command, losses
 
 # 16 patches of a 32x32 image and 2 class tokens: 18 tokens, and 2 + 8 kept at rate 0.5, both splittable
 # over TP 2 under sequence parallelism.
@@ -176,3 +180,23 @@ def test_both_poolings_with_patch_dropout(pooling):
     torch.manual_seed(0)
     assert torch.equal(model.encode_image(images), first)  # the same draw, the same operations
     assert first.isfinite().all() and not torch.allclose(first, model.eval().encode_image(images))
+
+
+def test_resume_continues_the_same_draws(tmp_path):
+    """A run resumed from its step-4 checkpoint logs the uninterrupted run's losses bit for bit: the
+    generator's state travels in the checkpoint, so the resumed steps drop the same patches and branches."""
+    overrides = ["tp=1", "gbs=16", "steps=8", "exp_manager.checkpoint.every_n_steps=4", *REGULARISED,
+                 "model.data.synthetic_train_samples=256", "model.data.zeroshot.synthetic=null"]  # tiny and quick
+    whole = tmp_path / "whole"
+    subprocess.run(command(tmp_path / "data", whole, *overrides, nproc=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    reference = losses(whole)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
+    (resumed / "checkpoints" / "latest").write_text("step_0000004\n")
+    (resumed / "steps.jsonl").write_text("")
+    proc = subprocess.run(command(tmp_path / "data", resumed, *overrides, nproc=1), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the same layout runs the same kernels on bitwise the same state and batches (as in test_resume)
+    assert losses(resumed) == {step: loss for step, loss in reference.items() if step > 4}

@@ -39,9 +39,13 @@ def worker_index() -> tuple[int, int]:
 
 
 def dataloader(dataset, num_workers: int, prefetch_factor: int) -> DataLoader:
-    """A DataLoader over a dataset that yields whole batches."""
+    """A DataLoader over a dataset that yields whole batches. It gets a generator of its own: every
+    iter() draws a worker seed from its generator, which by default is torch's global one, and would
+    shift the model's random stream (patch dropout, drop path) between a run and its resume. Samples are
+    seeded by their position, so nothing uses that worker seed."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=prefetch_factor if num_workers else None, worker_init_fn=ignore_stop_signals)
+                      prefetch_factor=prefetch_factor if num_workers else None, worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator())
 
 
 class _TrainStream(IterableDataset):
