@@ -5,18 +5,23 @@
 
 Each caption is mapped to WordNet noun synsets (megaclip.data.synsets); a synset is counted once per
 caption. The vocabulary keeps the synsets named by at least --min-count captions, at most --max-size of
-them, most frequent first, and is written as a TSV (synset, name, count). Only caption members are read.
+them, most frequent first, and is written as a TSV (synset, name, count). Only caption members are read;
+--workers processes count shards in parallel (the result does not depend on their number).
 A failure ends with one line, ``build_synset_vocab: error: ...``, exit code 2, and leaves --out as it was.
 """
 
 import argparse
-import itertools
+import contextlib
+import multiprocessing
 import sys
 import time
+from collections import Counter
+from functools import partial
 
 from megaclip.data.samples import shard_captions
 from megaclip.data.shards import expand_shards, missing_shards
 from megaclip.data.synset_vocab import SynsetVocabulary, count_synsets
+from megaclip.data.synsets import lexicon
 
 
 def positive(text: str) -> int:
@@ -26,6 +31,26 @@ def positive(text: str) -> int:
     return value
 
 
+def count_shard(url: str, caption_key: str) -> tuple[Counter, int]:
+    return count_synsets(shard_captions([url], caption_key))
+
+
+def count_shards(urls: list[str], caption_key: str, workers: int) -> tuple[Counter, int]:
+    """Synset counts and the number of captions over all shards; shards are counted in any order."""
+    lexicon()  # loaded once here, inherited by forked workers
+    count = partial(count_shard, caption_key=caption_key)
+    counts, captions = Counter(), 0
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            parts = stack.enter_context(multiprocessing.get_context("fork").Pool(workers)).imap_unordered(count, urls)
+        else:
+            parts = map(count, urls)
+        for shard_counts, shard_captions_read in parts:
+            counts.update(shard_counts)
+            captions += shard_captions_read
+    return counts, captions
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="brace pattern or directory of .tar shards")
@@ -33,7 +58,7 @@ def main() -> int:
     parser.add_argument("--min-count", type=positive, default=1, help="keep synsets named by at least this many captions")
     parser.add_argument("--max-size", type=positive, default=None, help="keep at most this many synsets")
     parser.add_argument("--caption-key", default="txt", help="txt, or json:FIELD")
-    parser.add_argument("--max-captions", type=positive, default=None, help="count over at most this many captions")
+    parser.add_argument("--workers", type=positive, default=1, help="processes counting shards in parallel")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -44,7 +69,7 @@ def main() -> int:
     missing = missing_shards(args.shards)
     if missing or not expand_shards(args.shards):
         return fail(f"shard {missing[0]} does not exist" if missing else f"no shards match {args.shards}")
-    counts, captions = count_synsets(itertools.islice(shard_captions(args.shards, args.caption_key), args.max_captions))
+    counts, captions = count_shards(expand_shards(args.shards), args.caption_key, args.workers)
     if captions == 0:
         return fail(f"the shards {args.shards} hold no captions under '{args.caption_key}'")
     vocab = SynsetVocabulary.from_counts(counts, min_count=args.min_count, max_size=args.max_size)
