@@ -5,7 +5,7 @@ noun sense, as CatLIP's reference code does with NLTK (``wn.synset(lemma + ".n.0
 that synset is named ``lemma.n.01``, i.e. the lemma heads its own first sense). That test is what keeps
 WordNet's abbreviation senses of function words out ("a" -> angstrom.n.01, "at" -> astatine.n.01,
 "it" -> information_technology.n.01); it also drops a word whose first sense is named after a synonym
-("photo" -> photograph.n.01), as the reference does. Two departures, both for captions:
+("photo" -> photograph.n.01), as the reference does. Three departures, all for captions:
 
 - Multi-word nouns WordNet knows ("ice cream", "hot dogs") are matched first, longest first, up to three
   words, and map to their first sense whatever its name ("hot_dog" -> hotdog.n.01): a phrase is never
@@ -13,10 +13,9 @@ WordNet's abbreviation senses of function words out ("a" -> angstrom.n.01, "at" 
 - A word in FUNCTION_WORDS is skipped. The reference tags parts of speech but does not use the tags;
   offline we have no tagger, and these closed-class words pass the head test ("can" -> can.n.01,
   "may" -> may.n.01, "one" -> one.n.01) while being nouns almost never in a caption.
-
-Of several lemma candidates ("glasses" -> glasses, glass) the shortest that heads its first sense is
-taken, where the reference takes the shortest and then tests it, losing "gas" (-> "ga", gallium) and
-"men" (-> "men", work_force.n.01).
+- Of several lemma candidates ("glasses" -> glasses, glass) the shortest that heads its first sense is
+  taken, where the reference takes the shortest and then tests it, losing "gas" (-> "ga", gallium)
+  and "men" (-> "men", work_force.n.01).
 
 WordNet is read from a table derived once from the WordNet database files by
 tools/build_wordnet_table.py and shipped beside this module with WordNet's licence (WORDNET_LICENSE),
