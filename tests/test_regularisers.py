@@ -67,12 +67,12 @@ def test_patch_dropout_per_sample_and_seed():
 
 def test_drop_path_schedule_and_scale():
     drop = DropPath(0.3, num_layers=4)
-    torch.testing.assert_close(drop.layer_rates, torch.tensor([0.0, 0.1, 0.2, 0.3]))  # timm's linspace rule
+    torch.testing.assert_close(drop.layer_rates(), torch.tensor([0.0, 0.1, 0.2, 0.3]))  # timm's linspace rule
     torch.manual_seed(0)
     n = 20000
     scales = drop.scales(n, torch.device("cpu"))
     assert scales.shape == (4, 2, n, 1, 1)
-    for layer, rate in enumerate(drop.layer_rates.tolist()):
+    for layer, rate in enumerate(drop.layer_rates().tolist()):
         values = scales[layer].flatten()
         dropped = (values == 0).float().mean().item()
         kept = values[values != 0]  # scaled by 1 / (1 - rate), in fp32

@@ -64,8 +64,10 @@ class DropPath:
     1 / (1 - rate) so the expected residual stays the same."""
 
     def __init__(self, rate: float, num_layers: int):
-        self.rate = rate
-        self.layer_rates = torch.linspace(0, rate, num_layers)
+        self.rate, self.num_layers = rate, num_layers
+
+    def layer_rates(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        return torch.linspace(0, self.rate, self.num_layers, device=device)  # made there: no copy to the device
 
     def scales(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
         """[layers, 2 (attention, MLP), batch, 1, 1] factors (0 or 1 / (1 - rate)) for the residual
@@ -74,8 +76,7 @@ class DropPath:
         layers as input, so activation checkpointing's recompute reuses them (draws nothing)."""
         if self.rate == 0:
             return None
-        layers = len(self.layer_rates)
-        noise = rows_of_global_batch(lambda rows: torch.rand(rows, layers, 2, device=device), batch)
-        rates = self.layer_rates.to(device)[:, None, None]
+        noise = rows_of_global_batch(lambda rows: torch.rand(rows, self.num_layers, 2, device=device), batch)
+        rates = self.layer_rates(device)[:, None, None]
         keep = noise.permute(1, 2, 0) >= rates
         return (keep / (1 - rates))[..., None, None]
