@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megaclip import distributed
+from megaclip.config import ConfigError, validate
 from megaclip.convert import import_library
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel, attention
@@ -38,6 +39,18 @@ def test_kept_patch_count(patches, rate, class_tokens, multiple, kept):
 def test_kept_patch_count_refuses_what_sequence_parallel_cannot_split():
     with pytest.raises(ValueError, match="no count from 1 to 1"):
         kept_patch_count(16, 0.95, 2, 2)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.vision.drop_patch_rate=1"], "model.vision.drop_patch_rate must be in [0, 1), got 1"),
+    (["model.text.drop_path_rate=-0.1"], "model.text.drop_path_rate must be in [0, 1), got -0.1"),
+    (["tp=2", "model.sequence_parallel=true", *REGULARISED, "model.vision.drop_patch_rate=0.95"],
+     "model.vision.drop_patch_rate 0.95 keeps 1 of 16 patches; 2 class token(s) + kept patches must divide by tp 2"),
+])
+def test_config_refuses_bad_rates(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(small_config(*overrides), world_size=2, data=False)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 def test_patch_dropout_keeps_open_clips_patches():
