@@ -26,11 +26,13 @@ import torch.nn.functional as F
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor, group=None) -> torch.Tensor:
-    """Rank r's L_r over the DP ``group`` (None or one rank: the plain loss); logits in fp32 or better."""
+    """Rank r's L_r over the DP ``group`` (None or one rank: the plain loss); logits in fp32 or better,
+    also under autocast (which would run the logit matmuls in bf16)."""
     image_features, text_features, logit_scale, logit_bias = (
         t.to(torch.promote_types(t.dtype, torch.float32))
         for t in (image_features, text_features, logit_scale, logit_bias))
-    return RingSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, group)
+    with torch.autocast(image_features.device.type, enabled=False):
+        return RingSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, group)
 
 
 def _block_logits(x, y, scale, bias):

@@ -1,5 +1,5 @@
-"""model.loss picks the objective: the scalars each one adds to the model, and unknown names refused
-in one line before any process starts."""
+"""model.loss picks the objective: the scalars each one adds to the model, unknown names and another
+objective's checkpoint refused in one line before any process starts; the sigmoid loss in fp32."""
 import math
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from megaclip.config import ConfigError, config_from_argv, validate
 from megaclip.model import CLIPModel
 from megaclip.objectives import ClipObjective, SigLipObjective, build_objective
+from megaclip.sigmoid_loss import sigmoid_loss
 from tests.helpers import fixed_batch, small_config
 from tests.test_config import fake_checkpoint
 
@@ -46,3 +47,12 @@ def test_resuming_with_another_objective_fails_before_start_up(tmp_path):
                                           "config: model.loss is siglip in the checkpoint, clip in the config"):
         config_from_argv([f"exp_manager.exp_dir={tmp_path}/run"])
     config_from_argv([f"exp_manager.exp_dir={tmp_path}/run", "model.loss=siglip"])
+
+
+def test_sigmoid_loss_stays_fp32_under_autocast():
+    x, y = (torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(s)), dim=-1)
+            for s in (0, 1))
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = sigmoid_loss(x, y, scale, bias)
+    assert torch.equal(under_autocast, sigmoid_loss(x, y, scale, bias))  # the same fp32 kernels on the same inputs
