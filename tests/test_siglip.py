@@ -1,6 +1,7 @@
 """SigLIP (model.loss=siglip): the ring loss over the DP group against the sigmoid loss of the whole
 global batch on one process and against open_clip's SigLipLoss; the bytes the loss keeps for backward
-do not grow with DP; a whole run learns, checkpoints and resumes."""
+do not grow with DP; a whole run learns, checkpoints and resumes; logit_bias in conversion and in the
+memory planner."""
 import json
 import math
 import subprocess
@@ -11,14 +12,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from megaclip import distributed
+from megaclip import distributed, precision
 from megaclip.convert import import_library, megaclip_config
+from megaclip.convert.hf import to_hf
 from megaclip.convert.open_clip import from_open_clip, open_clip_model_config, to_open_clip
+from megaclip.memory import Layout, activation_bytes, parameter_shapes, plan_memory
 from megaclip.model import CLIPModel
 from megaclip.model.state import load_full_state_dict
 from megaclip.optim import average_gradients
 from megaclip.sigmoid_loss import sigmoid_loss
 from tests.distributed import run_distributed
+from tests.helpers import small_config
 from tests.test_resume import ENV, ROOT, command
 
 BATCH, DIM = 3, 8  # per DP rank
@@ -185,10 +189,6 @@ def test_open_clip_logit_bias_converts_both_ways(tmp_path):
 
 @pytest.mark.parametrize("o2", [False, True])
 def test_planner_counts_the_bias(o2):
-    from megaclip import precision
-    from megaclip.memory import Layout, activation_bytes, parameter_shapes, plan_memory
-    from tests.helpers import small_config
-
     cfg = small_config("model.loss=siglip", f"precision={'bf16' if o2 else '32'}", f"model.megatron_amp_O2={o2}")
     model = precision.prepare_model(CLIPModel(cfg.model), cfg)
     assert parameter_shapes(cfg.model, 1) == {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -197,3 +197,9 @@ def test_planner_counts_the_bias(o2):
     # the loss keeps the local features only: the same at any DP size for the same local batch
     kept = [activation_bytes(cfg.model, layout.replace(dp=dp, micro_batch=8)).loss for dp in (2, 4, 64)]
     assert kept == [2 * 8 * cfg.model.output_dim * 4] * 3
+
+
+def test_hugging_face_export_of_a_siglip_model_is_one_line():
+    cfg = small_config("model.loss=siglip", "model.text.tokenizer.library=clip_bpe", "model.text.vocab_size=49408")
+    with pytest.raises(ValueError, match="HF CLIPModel has no logit_bias: a model.loss=siglip model converts to open_clip only"):
+        to_hf({}, cfg.model)

@@ -106,6 +106,8 @@ def hf_clip_config(model_cfg: DictConfig) -> "transformers.CLIPConfig":
         raise ValueError(f"HF CLIP has one class token; model.vision.class_token_length is {v.class_token_length}")
     if v.global_average_pool:
         raise ValueError("HF CLIP pools the class token; model.vision.global_average_pool=True is not supported")
+    if model_cfg.get("loss", "clip") != "clip":  # configs written before model.loss are CLIP's
+        raise ValueError(f"HF CLIPModel has no logit_bias: a model.loss={model_cfg.loss} model converts to open_clip only")
     text = {**_hf_tower(t, model_cfg.output_dim), "vocab_size": t.vocab_size,
             "max_position_embeddings": t.encoder_seq_length, "pad_token_id": PAD_ID,
             "bos_token_id": SOT_ID, "eos_token_id": EOT_ID}
