@@ -134,24 +134,25 @@ def test_loss_memory_does_not_grow_with_dp():
 def test_whole_run_learns_and_resumes_at_another_layout(tmp_path):
     """A DP=2 SigLIP run with the default scalars, then the same run resumed at TP=2 (resharded)."""
     run = tmp_path / "run"
-    first = ["tp=1", "model.loss=siglip", "model.optim.sched.warmup_steps=8", "exp_manager.checkpoint.every_n_steps=80"]
-    proc = subprocess.run(command(tmp_path / "data", run, *first, "steps=80"), cwd=ROOT, env=ENV,
+    first = ["tp=1", "model.loss=siglip", "model.optim.sched.warmup_steps=8", "exp_manager.checkpoint.every_n_steps=96"]
+    proc = subprocess.run(command(tmp_path / "data", run, *first, "steps=96"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     learned = final_mean_ranks(proc.stdout)
-    # SigLIP's b = -10 first pulls every pair together (the negatives' sigmoids are ~e^-10) and sits a
-    # while at the prior (all logits ln(1/63), loss ln 64 + 63 ln(64/63) = 5.15) before it tells pairs
-    # apart: 80 steps. A random ranking of 432 pairs has mean rank 216.5 (std ~6 over 432 queries).
+    # SigLIP's b = -10 first pulls every pair together (the negatives' sigmoids are ~e^-10) and sits some
+    # 40 steps at the prior (all logits ln(1/63), loss ln 64 + 63 ln(64/63) = 5.15) before it tells pairs
+    # apart: 96 steps reach mean ranks ~55 here (~120 at 80). A random ranking of 432 pairs has mean rank
+    # 216.5 (std ~6 over 432 queries).
     assert all(rank < 0.75 * 216.5 for rank in learned), proc.stdout[-1000:]
-    saved = torch.load(run / "checkpoints" / "step_0000080" / "model" / "tp_00.pt")
+    saved = torch.load(run / "checkpoints" / "step_0000096" / "model" / "tp_00.pt")
     assert saved["logit_bias"].dtype == torch.float32 and saved["logit_bias"].item() != BIAS  # learned, saved
 
-    resumed = subprocess.run(command(tmp_path / "data", run, "tp=2", "model.loss=siglip", "steps=81"), cwd=ROOT,
+    resumed = subprocess.run(command(tmp_path / "data", run, "tp=2", "model.loss=siglip", "steps=97"), cwd=ROOT,
                              env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {run / 'checkpoints' / 'step_0000080'}" in resumed.stdout
-    assert resumed.stdout.splitlines()[-1].startswith("final: step=81 ")
-    shards = [torch.load(run / "checkpoints" / "step_0000081" / "model" / f"tp_{r:02d}.pt") for r in range(2)]
+    assert f"resumed from {run / 'checkpoints' / 'step_0000096'}" in resumed.stdout
+    assert resumed.stdout.splitlines()[-1].startswith("final: step=97 ")
+    shards = [torch.load(run / "checkpoints" / "step_0000097" / "model" / f"tp_{r:02d}.pt") for r in range(2)]
     assert shards[0]["logit_bias"] == shards[1]["logit_bias"]  # replicated over TP
     # one more step at the lowest learning rate keeps what was learned: the weights were loaded
     assert all(rank < 0.75 * 216.5 for rank in final_mean_ranks(resumed.stdout))
