@@ -82,6 +82,8 @@ class _Ring:
 
 
 class RingSigmoidLoss(torch.autograd.Function):
+    """L_r and its exact gradients, keeping only (x, y, t, b) for backward (see the module's text)."""
+
     @staticmethod
     def forward(ctx, x, y, scale, bias, group):
         ring = _Ring(group)
