@@ -32,15 +32,14 @@ def _spans(group) -> bool:
     return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def catlip_loss(local_logits: torch.Tensor, targets: torch.Tensor, num_classes: int, tp_group=None, dp_group=None) -> torch.Tensor:
-    """``local_logits``: (batch, classes padded to a multiple of TP / TP) of this TP rank, its classes
-    the rank-th block; ``targets``: (batch, num_classes) multi-hot over all classes. Logits of the
-    padding classes (beyond num_classes) take no part and get zero gradient."""
+def catlip_loss(local_logits: torch.Tensor, targets: torch.Tensor, tp_group=None, dp_group=None) -> torch.Tensor:
+    """``local_logits``: (batch, classes / TP) of this TP rank, its classes the rank-th block (the
+    class count divides by TP: megaclip.data.synset_vocab.run_vocabulary checks);
+    ``targets``: (batch, classes) multi-hot over all classes."""
     width = local_logits.shape[1]
     start = dist.get_rank(tp_group) * width if _spans(tp_group) else 0
-    real = max(0, min(width, num_classes - start))
-    logits = local_logits[:, :real].float()  # fp32 whatever the model's precision
-    loss = F.binary_cross_entropy_with_logits(logits, targets[:, start:start + real].to(logits), reduction="sum")
+    logits = local_logits.float()  # fp32 whatever the model's precision
+    loss = F.binary_cross_entropy_with_logits(logits, targets[:, start:start + width].to(logits), reduction="sum")
     if _spans(tp_group):
         loss = _ReduceWithIdentityGrad.apply(loss, tp_group, False)
     loss = loss / local_logits.shape[0]

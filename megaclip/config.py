@@ -132,6 +132,12 @@ class SigLipConfig:
 
 
 @dataclass
+class CatLipConfig:
+    # TSV from tools/build_synset_vocab.py; None: counted from the synthetic set's train captions
+    vocabulary: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -139,10 +145,11 @@ class ModelConfig:
     tensor_model_parallel_size: int = 1
     micro_batch_size: Optional[int] = None  # None: global_batch_size / data-parallel size
     global_batch_size: int = 64
-    loss: str = "clip"  # clip | siglip (megaclip.objectives)
+    loss: str = "clip"  # clip | siglip | catlip (megaclip.objectives)
     local_loss: bool = False  # clip only
     gather_with_grad: bool = True  # clip only
     siglip: SigLipConfig = field(default_factory=SigLipConfig)
+    catlip: CatLipConfig = field(default_factory=CatLipConfig)
     seed: int = 1234
     init_from: Optional[str] = None  # checkpoint (any TP) whose weights start a new run, e.g. a converted one
     linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
@@ -277,8 +284,10 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         raise ConfigError(
             f"model.micro_batch_size {m.micro_batch_size} x data-parallel size {dp} != global_batch_size "
             f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
-    if m.loss not in ("clip", "siglip"):
-        raise ConfigError(f"model.loss '{m.loss}' is not available (choose clip or siglip)")
+    if m.loss not in ("clip", "siglip", "catlip"):
+        raise ConfigError(f"model.loss '{m.loss}' is not available (choose clip, siglip or catlip)")
+    if m.loss == "catlip" and m.catlip.vocabulary is None and m.data.train_shards is not None:
+        raise ConfigError("model.catlip.vocabulary is not set (tools/build_synset_vocab.py writes one from the train shards)")
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
     for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite"):

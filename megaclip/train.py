@@ -15,6 +15,7 @@ from megaclip.data import prepare
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.loader import build_train_loader, skipped_across_ranks
 from megaclip.data.samples import DataError
+from megaclip.data.synset_vocab import SynsetVocabulary, run_vocabulary
 from megaclip.data.tokenizer import build_tokenizer
 from megaclip.data.transforms import transforms_from_config
 from megaclip.evaluate import evaluate_retrieval
@@ -39,6 +40,7 @@ class Data:
     tokenizer: object
     eval_transform: Callable
     synthetic_zeroshot: Optional[zeroshot.CaptionTask]
+    vocabulary: Optional[SynsetVocabulary]  # CatLIP's classes
 
 
 def build_data(cfg, world_size: int) -> Data:
@@ -50,9 +52,10 @@ def build_data(cfg, world_size: int) -> Data:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is {m.text.vocab_size}")
     train_tf, eval_tf = transforms_from_config(m.vision)
     dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
+    vocabulary = run_vocabulary(m, sources.train_shards) if m.loss == "catlip" else None
     train = build_train_loader(sources.train_shards, m.data, dp_rank=dp_rank, dp_size=dp_size,
                                micro_batch_size=micro_batch_size(cfg, world_size), image_transform=train_tf,
-                               tokenizer=tokenizer, seed=m.seed)
+                               tokenizer=vocabulary.multi_hot if vocabulary else tokenizer, seed=m.seed)
 
     def val():
         return build_eval_loader(sources.val_shards, m.data, dp_rank=dp_rank, dp_size=dp_size,
@@ -60,12 +63,14 @@ def build_data(cfg, world_size: int) -> Data:
 
     uses_synthetic_val = m.data.val_shards is None and m.data.zeroshot.synthetic
     task = zeroshot.synthetic_task(m.data.zeroshot.synthetic) if uses_synthetic_val else None
-    return Data(train, val, tokenizer, eval_tf, task)
+    return Data(train, val, tokenizer, eval_tf, task, vocabulary)
 
 
 def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
     """Retrieval on the val split, and zero-shot classification where configured; every DP rank
-    evaluates its share."""
+    evaluates its share. CatLIP has no text tower to retrieve or classify with: nothing yet."""
+    if data.vocabulary:
+        return {}
     distributed.doing("evaluation")
     dp_group, z = distributed.dp_group(), cfg.model.data.zeroshot
     metrics = evaluate_retrieval(model, data.val(), device, autocast, dp_group)
@@ -94,14 +99,14 @@ def train(cfg, world_size: int) -> TrainResult:
     run_lock.hold_for_run(cfg.exp_manager.exp_dir)  # before anything is written there
     distributed.seed_everything(m.seed)
     data = build_data(cfg, world_size)
-    model = CLIPModel(m)
+    model = CLIPModel(m, len(data.vocabulary) if data.vocabulary else None)
     checkpoints = Path(cfg.exp_manager.exp_dir) / "checkpoints"
     resuming = cfg.exp_manager.resume_if_exists and checkpointing.latest(checkpoints) is not None
     if m.init_from and not resuming:  # before the optimizer copies the weights into its master weights
         init_model_from(model, m.init_from, m, distributed.tp_size(), distributed.tp_rank())
     model = precision.prepare_model(model, cfg).to(device)
     if t.compile:
-        for tower in (model.visual, model.text):
+        for tower in filter(None, (model.visual, model.text)):
             tower.transformer.compile_layers(t.compile_backend)
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     scheduler = cosine_schedule(optimizer, m.optim, t.max_steps)
@@ -160,8 +165,8 @@ def train(cfg, world_size: int) -> TrainResult:
     monitor.print(f"skipped input: {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'})")
     monitor.close()
     last_loss = result.losses[-1] if result.losses else resumed["loss"]  # a finished run, resumed
-    monitor.print(f"final: step={result.step} loss={last_loss:.4f} "
-                  f"i2t_R@1={final['i2t_R@1']:.4f} t2i_R@1={final['t2i_R@1']:.4f} chance_R@1={final['chance_R@1']:.4f}")
+    retrieval = [k for k in ("i2t_R@1", "t2i_R@1", "chance_R@1") if k in final]  # none for CatLIP
+    monitor.print(f"final: step={result.step} loss={last_loss:.4f}" + "".join(f" {k}={final[k]:.4f}" for k in retrieval))
     return result
 
 

@@ -34,9 +34,9 @@ def test_siglip_adds_its_bias_with_the_configured_initial_values():
     assert torch.isfinite(loss) and model.logit_bias.grad is not None and model.logit_scale.grad is not None
 
 
-@pytest.mark.parametrize("name", ["catlip", "softmax"])
+@pytest.mark.parametrize("name", ["softmax", "CLIP"])
 def test_an_objective_not_available_is_one_line(name):
-    with pytest.raises(ConfigError, match=f"model.loss '{name}' is not available \\(choose clip or siglip\\)") as e:
+    with pytest.raises(ConfigError, match=f"model.loss '{name}' is not available \\(choose clip, siglip or catlip\\)") as e:
         validate(small_config(f"model.loss={name}", "model.vision.encoder_seq_length=null"), 1, data=False)
     assert "\n" not in str(e.value)
 

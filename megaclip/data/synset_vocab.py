@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from megaclip.data.samples import DataError
+from megaclip.data.samples import DataError, shard_captions
 from megaclip.data.synsets import Synset, lexicon
 
 HEADER = ("synset", "name", "count")
@@ -27,6 +27,20 @@ def count_synsets(captions: Iterable[str]) -> tuple[Counter, int]:
         counts.update(nouns.caption_synsets(caption))
         total += 1
     return counts, total
+
+
+def run_vocabulary(model_cfg, train_shards) -> SynsetVocabulary:
+    """model.catlip.vocabulary, or, for the synthetic set (config.py refuses other data without one),
+    the synsets of its train captions: every rank counts the same captions, so all hold one vocabulary
+    with no file written. The classes are split over TP, so their number must divide by it."""
+    path = model_cfg.catlip.vocabulary
+    vocabulary = (SynsetVocabulary.load(path) if path is not None else
+                  SynsetVocabulary.from_counts(count_synsets(shard_captions(train_shards, model_cfg.data.caption_key))[0]))
+    tp = model_cfg.tensor_model_parallel_size
+    if len(vocabulary) % tp:
+        raise DataError(f"the CatLIP vocabulary has {len(vocabulary)} classes, not divisible by "
+                        f"tensor_model_parallel_size {tp} (build_synset_vocab.py --max-size picks the count)")
+    return vocabulary
 
 
 class SynsetVocabulary:

@@ -1,14 +1,16 @@
 """CLIP: an image tower and a text tower projected into one normalised space, and the learned
-scalars of the objective (a temperature; SigLIP's bias too)."""
+scalars of the objective (a temperature; SigLIP's bias too). CatLIP builds the image tower only, with
+a classification head over its synset vocabulary, split over the classes across TP ranks."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaclip.model.parallel import Linears
+from megaclip.model.parallel import Linears, normal_init
 from megaclip.objectives import requirements
 from megaclip.model.text import TextTower
 from megaclip.model.vision import VisionTower
@@ -17,12 +19,16 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class CLIPModel(nn.Module):
-    def __init__(self, cfg):
-        """``cfg`` is the ``model`` section of the config."""
+    def __init__(self, cfg, num_classes: Optional[int] = None):
+        """``cfg`` is the ``model`` section of the config; ``num_classes``: CatLIP's vocabulary size."""
         super().__init__()
         linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl, cfg.sequence_parallel)
         self.visual = VisionTower(cfg.vision, cfg.output_dim, linears)
-        self.text = TextTower(cfg.text, cfg.output_dim, linears)
+        self.text = TextTower(cfg.text, cfg.output_dim, linears) if "text" in requirements(cfg).towers else None
+        if cfg.get("loss") == "catlip":
+            # its input is one embedding per image, not a sequence: never sequence parallel
+            head_linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl)
+            self.catlip_head = head_linears.column(cfg.output_dim, num_classes, normal_init(cfg.output_dim ** -0.5))
         for name, initial in requirements(cfg).scalars.items():
             self.register_parameter(name, nn.Parameter(torch.tensor(float(initial))))
 
@@ -32,9 +38,14 @@ class CLIPModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens), dim=-1)
 
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """CatLIP's logits of this TP rank's classes."""
+        return self.catlip_head(self.visual(images))
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if hasattr(self, "logit_scale"):  # CatLIP learns no temperature
+            self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -16,7 +16,7 @@ from megaclip.model.parallel import gather_tensor_parallel, padded_vocab_size
 
 State = Dict[str, torch.Tensor]
 EMBEDDING = "text.token_embedding.weight"
-_DIM0 = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc.weight", "mlp.fc.bias", EMBEDDING)
+_DIM0 = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc.weight", "mlp.fc.bias", EMBEDDING, "catlip_head.weight", "catlip_head.bias")
 _DIM1 = ("attn.proj.weight", "mlp.proj.weight")
 
 
@@ -46,8 +46,7 @@ def unshard_state(shards: List[State], vocab_size: int) -> State:
     for name, tensor in shards[0].items():
         dim = partition_dim(name)
         full[name] = torch.cat([s[name] for s in shards], dim) if dim is not None and len(shards) > 1 else tensor
-    full[EMBEDDING] = full[EMBEDDING][:vocab_size]
-    return full
+    return _cut_embedding(full, vocab_size)
 
 
 def local_state(model: nn.Module) -> State:
@@ -58,7 +57,12 @@ def local_state(model: nn.Module) -> State:
 def full_state_dict(model: nn.Module, vocab_size: int) -> State:
     """Gather the full state over the TP group (a collective: every TP rank must call it)."""
     full = {name: gather_tensor_parallel(p.detach(), p) for name, p in model.named_parameters()}
-    full[EMBEDDING] = full[EMBEDDING][:vocab_size]
+    return _cut_embedding(full, vocab_size)
+
+
+def _cut_embedding(full: State, vocab_size: int) -> State:
+    if EMBEDDING in full:  # CatLIP builds no text tower
+        full[EMBEDDING] = full[EMBEDDING][:vocab_size]
     return full
 
 
