@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES
+from megaclip.model.parallel import gather_tensor_parallel
 
 OPENAI_TEMPLATES = Path(__file__).resolve().parent / "data" / "templates" / "openai_imagenet_templates.txt"
 TOP_K = (1, 5)
@@ -97,14 +98,34 @@ def evaluate_zeroshot(model, classifier: torch.Tensor, batches: Iterable, device
                       ks=TOP_K) -> Dict[str, float]:
     """top-k accuracy over (images, labels) batches; every rank of dp_group passes its share and
     gets the accuracy over all of them."""
+    weights = classifier.to(device).float()
+    return _accuracy(model, lambda images: model.encode_image(images).float() @ weights, batches, device, autocast, dp_group, ks)
+
+
+@torch.no_grad()
+def evaluate_head_zeroshot(model, vocabulary, classnames: Sequence[str], batches: Iterable, device, autocast,
+                           dp_group=None, ks=TOP_K) -> Dict[str, float]:
+    """CatLIP's zero-shot classification, straight from its head: a class scores the highest logit
+    among the synsets its name maps to (a name that maps to none never wins)."""
+    members = [vocabulary.classes(name) for name in classnames]
+    head = model.catlip_head.weight
+
+    def scores(images):
+        # the logits of every synset: transposed, the classes lie along the head weight's split dim
+        logits = gather_tensor_parallel(model.classify(images).float().T.contiguous(), head).T
+        return torch.stack([logits[:, m].amax(dim=1) if m else torch.full_like(logits[:, 0], -torch.inf)
+                            for m in members], dim=1)
+    return _accuracy(model, scores, batches, device, autocast, dp_group, ks)
+
+
+def _accuracy(model, scores, batches: Iterable, device, autocast, dp_group, ks) -> Dict[str, float]:
     was_training = model.training
     model.eval()
-    weights = classifier.to(device)
     totals = torch.zeros(1 + len(ks), dtype=torch.float64)
     for images, labels in batches:
         with autocast:
-            features = model.encode_image(images.to(device)).float()
-        correct = topk_correct((features @ weights.float()).cpu(), labels, ks)
+            logits = scores(images.to(device))
+        correct = topk_correct(logits.float().cpu(), labels, ks)
         totals += torch.tensor([len(labels), *(correct[k] for k in ks)], dtype=torch.float64)
     model.train(was_training)
     if _dp(dp_group)[1] > 1:
