@@ -8,8 +8,12 @@ import torch.nn.functional as F
 
 from megaclip import distributed
 from megaclip.catlip_loss import catlip_loss
+from megaclip.config import ConfigError, validate
+from megaclip.data.samples import DataError
+from megaclip.data.synset_vocab import run_vocabulary
 from megaclip.optim import average_gradients
 from tests.distributed import run_distributed
+from tests.helpers import small_config
 from tests.test_resume import ENV, ROOT, command, losses
 
 CLASSES, DIM = 8, 5
@@ -61,6 +65,21 @@ def test_sharded_bce_equals_the_whole_loss(world, tp):
     for loss, grad in run_distributed(sharded, world, tp, batch):
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         torch.testing.assert_close(grad, expected_grad, **TOL)
+
+
+def test_real_data_needs_a_vocabulary():
+    cfg = small_config("model.loss=catlip", "model.data.train_shards=/data/train-{0..9}.tar", "model.vision.encoder_seq_length=null")
+    with pytest.raises(ConfigError, match="model.catlip.vocabulary is not set") as e:
+        validate(cfg, 1, data=False)
+    assert "\n" not in str(e.value)
+
+
+def test_classes_must_divide_by_tp(tmp_path):
+    vocabulary = tmp_path / "synsets.tsv"
+    vocabulary.write_text("synset\tname\tcount\nn1\ta.n.01\t3\nn2\tb.n.01\t2\nn3\tc.n.01\t1\n")
+    with pytest.raises(DataError, match="has 3 classes, not divisible by tensor_model_parallel_size 2"):
+        run_vocabulary(small_config("model.loss=catlip", f"model.catlip.vocabulary={vocabulary}", "tp=2").model, None)
+    assert len(run_vocabulary(small_config("model.loss=catlip", f"model.catlip.vocabulary={vocabulary}", "tp=3").model, None)) == 3
 
 
 def test_whole_run_learns_and_resumes(tmp_path):
