@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megaclip import distributed
 from megaclip.catlip_loss import catlip_loss
+from megaclip.checkpoint.model import load_model_for_inference
 from megaclip.config import ConfigError, validate
 from megaclip.data.samples import DataError
 from megaclip.data.synset_vocab import run_vocabulary
@@ -104,6 +105,9 @@ def test_whole_run_learns_and_resumes(tmp_path):
     assert f"resumed from {run / 'checkpoints' / 'step_0000064'}" in resumed.stdout
     assert resumed.stdout.splitlines()[-1].startswith("final: step=65 loss=")
     assert top1(resumed.stdout) > 3 / 8  # the weights were loaded
+    model, cfg = load_model_for_inference(run / "checkpoints" / "step_0000065")  # TP=2 shards joined
+    size = cfg.model.vision.img_h
+    assert model.text is None and model.classify(torch.zeros(1, 3, size, size)).shape == (1, 20)
 
 
 def top1(stdout):

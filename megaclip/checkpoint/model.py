@@ -91,7 +91,8 @@ def load_model_for_inference(path, device: str = "cpu"):
 
     full, cfg = read_full_model_state(path)
     cfg = OmegaConf.merge(cfg, {"model": {"tensor_model_parallel_size": 1, "linear_impl": "torch", "sequence_parallel": False}})
-    model = CLIPModel(cfg.model)
+    head = full.get("catlip_head.weight")  # CatLIP's class count is its vocabulary's, not the config's
+    model = CLIPModel(cfg.model, None if head is None else head.shape[0])
     try:
         load_full_state_dict(model, full, 1, 0)
     except ValueError as e:
