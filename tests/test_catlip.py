@@ -16,6 +16,7 @@ from megaclip.optim import average_gradients
 from tests.distributed import run_distributed
 from tests.helpers import small_config
 from tests.test_resume import ENV, ROOT, command, losses
+from tests.test_tools import load_tool
 
 CLASSES, DIM = 8, 5
 
@@ -83,7 +84,7 @@ def test_classes_must_divide_by_tp(tmp_path):
     assert len(run_vocabulary(small_config("model.loss=catlip", f"model.catlip.vocabulary={vocabulary}", "tp=3").model, None)) == 3
 
 
-def test_whole_run_learns_and_resumes(tmp_path):
+def test_whole_run_learns_and_resumes(tmp_path, capsys):
     """model.loss=catlip at TP=2 on the synthetic set (its 20 classes counted from its captions, no
     vocabulary file): the loss falls well below what captions alone allow; the run resumes."""
     run, data = tmp_path / "run", tmp_path / "data"
@@ -108,6 +109,9 @@ def test_whole_run_learns_and_resumes(tmp_path):
     model, cfg = load_model_for_inference(run / "checkpoints" / "step_0000065")  # TP=2 shards joined
     size = cfg.model.vision.img_h
     assert model.text is None and model.classify(torch.zeros(1, 3, size, size)).shape == (1, 20)
+    code = load_tool("evaluate").main(["--checkpoint", str(run / "checkpoints" / "step_0000065")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "is a model.loss=catlip model: no text tower" in err[0], err
 
 
 def top1(stdout):

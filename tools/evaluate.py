@@ -49,6 +49,9 @@ def evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device}: no GPU is available")
     model, cfg = load_model_for_inference(args.checkpoint, device)
     m, autocast = cfg.model, contextlib.nullcontext()
+    if model.text is None:
+        raise ValueError(f"{args.checkpoint} is a model.loss={m.loss} model: no text tower to retrieve or classify with "
+                         "(its training run reports zero-shot from its head)")
     sources = prepare.resolve(m)
     val_shards = args.val_shards or sources.val_shards
     if val_shards is None:
