@@ -78,20 +78,23 @@ class TrainingMonitor:
             yield batch
 
     def step(self, step: int, *, loss: float, lr: float, skipped: Callable[[], Dict[str, int]],
-             nonfinite: int = 0) -> Optional[str]:
+             nonfinite: int = 0, terms: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Record a step; on log steps print (and return) the progress line. skipped() gives the bad
         input skipped so far by kind; every rank calls it on log steps, so it may be a collective
         (e.g. lambda: loader.skipped_across_ranks(train_loader, device, dp_group)). nonfinite: steps
-        of this run whose update was skipped for a non-finite loss or gradient norm."""
+        of this run whose update was skipped for a non-finite loss or gradient norm. terms: the
+        objective's named parts of the loss, logged as loss_<name> (on the progress line only when
+        there is more than one: a single term is the loss itself)."""
         log_step = step % self.log_every == 0 or step == self.max_steps
         counts = skipped() if log_step else {}
         if not self.enabled:
             return None
         self.losses[step] = loss
+        named = {f"loss_{name}": value for name, value in (terms or {}).items()}
         with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "nonfinite": nonfinite}) + "\n")
-        self.scalar("train/loss", loss, step)
-        self.scalar("train/lr", lr, step)
+            f.write(json.dumps({"step": step, "loss": loss, **named, "lr": lr, "nonfinite": nonfinite}) + "\n")
+        for name, value in {"loss": loss, **named, "lr": lr}.items():
+            self.scalar(f"train/{name}", value, step)
         if not log_step:
             return None
         now = time.perf_counter()
@@ -99,7 +102,8 @@ class TrainingMonitor:
         rate = (step - self.window_step) * self.global_batch_size / window
         wait = self.data_wait / window
         eta = (now - self.started) / max(step - self.start_step, 1) * (self.max_steps - step)
-        line = (f"step {step}/{self.max_steps} loss {loss:.4f} lr {lr:.3e} samples/s {rate:.1f} "
+        parts = "".join(f"{name} {value:.4f} " for name, value in named.items()) if len(named) > 1 else ""
+        line = (f"step {step}/{self.max_steps} loss {loss:.4f} {parts}lr {lr:.3e} samples/s {rate:.1f} "
                 f"({rate / self.devices:.1f}/gpu) data-wait {100 * wait:.1f}% "
                 f"skipped {sum(counts.values())} {f'nonfinite {nonfinite} ' if nonfinite else ''}mem {peak_memory_bytes() / 2**30:.2f}GiB eta {format_duration(eta)}")
         print(line, flush=True)

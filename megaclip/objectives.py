@@ -2,15 +2,26 @@
 
 An objective says which towers and which learned scalars it needs (the model builds exactly those;
 the scalars are replicated, kept fp32 under O2, never weight-decayed, and checkpointed, resharded
-and converted like any parameter) and turns a micro-batch into the loss over the DP-gathered global
-batch: the training loop calls ``objective(model, images, tokens)`` whatever the objective (CatLIP's
-"tokens" are its multi-hot targets: the loader encodes captions with the vocabulary instead).
+and converted like any parameter) and splits a batch's loss in two:
+
+- ``features(model, images, batch)``: the towers' outputs for one micro-batch, samples on dim 0; the
+  only tensors through which the towers' parameters get gradients (CatLIP's "batch" is its multi-hot
+  targets: the loader encodes captions with the vocabulary instead; a tensor without grad, such as
+  the targets, rides along);
+- ``loss(model, features)``: (total, named terms) over this rank's whole batch (the features of all its
+  micro-batches concatenated), DP-gathering inside; the learned scalars get their gradient here, once.
+
+``per_sample`` says whether the loss is a mean of per-sample terms (CatLIP: micro-batches accumulate
+plainly) or couples the samples (CLIP, SigLIP: megaclip.accumulation caches the features instead).
+Calling the objective is ``loss(model, features(model, images, batch))``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Dict, Tuple
+
+from torch import Tensor
 
 from megaclip import distributed
 from megaclip.catlip_loss import catlip_loss
@@ -37,35 +48,58 @@ def requirements(model_cfg) -> Requirements:
     return Requirements(("image", "text"), {"logit_scale": CLIP_INIT_LOGIT_SCALE})
 
 
-class ClipObjective:
+class Objective:
+    """Subclasses define ``features(model, images, batch) -> Tuple[Tensor, ...]`` and
+    ``loss(model, features) -> (Tensor, Dict[str, Tensor])`` as the module's text says."""
+
+    per_sample = False  # True: the loss is a mean of per-sample terms (plain accumulation)
+
+    def __call__(self, model, images: Tensor, batch: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return self.loss(model, self.features(model, images, batch))
+
+
+class ClipObjective(Objective):
     """CLIP's softmax contrastive loss (megaclip.losses.ClipLoss)."""
 
     def __init__(self, model_cfg, dp_group):
-        self.loss = ClipLoss(model_cfg.local_loss, model_cfg.gather_with_grad, group=dp_group)
+        self.clip_loss = ClipLoss(model_cfg.local_loss, model_cfg.gather_with_grad, group=dp_group)
 
-    def __call__(self, model, images, tokens):
-        return self.loss(*model(images, tokens))
+    def features(self, model, images, tokens):
+        return model.encode_image(images), model.encode_text(tokens)
+
+    def loss(self, model, features):
+        loss = self.clip_loss(*features, model.logit_scale.exp())
+        return loss, {"contrastive": loss}
 
 
-class SigLipObjective:
+class SigLipObjective(Objective):
     """SigLIP's sigmoid loss, text features passed round the DP ring (megaclip.sigmoid_loss)."""
 
     def __init__(self, model_cfg, dp_group):
         self.dp_group = dp_group
 
-    def __call__(self, model, images, tokens):
-        image_features, text_features, logit_scale = model(images, tokens)
-        return sigmoid_loss(image_features, text_features, logit_scale, model.logit_bias, self.dp_group)
+    def features(self, model, images, tokens):
+        return model.encode_image(images), model.encode_text(tokens)
+
+    def loss(self, model, features):
+        loss = sigmoid_loss(*features, model.logit_scale.exp(), model.logit_bias, self.dp_group)
+        return loss, {"contrastive": loss}
 
 
-class CatLipObjective:
+class CatLipObjective(Objective):
     """CatLIP's BCE over the synset classes, on the TP-sharded logits (megaclip.catlip_loss)."""
+
+    per_sample = True
 
     def __init__(self, model_cfg, dp_group):
         self.dp_group = dp_group
 
-    def __call__(self, model, images, targets):
-        return catlip_loss(model.classify(images), targets, distributed.tp_group(), self.dp_group)
+    def features(self, model, images, targets):
+        return model.classify(images), targets
+
+    def loss(self, model, features):
+        loss = catlip_loss(*features, distributed.tp_group(), self.dp_group)
+        return loss, {"classification": loss}
 
 
 def build_objective(model_cfg, dp_group):

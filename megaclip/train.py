@@ -63,21 +63,19 @@ def build_data(cfg, world_size: int) -> Data:
 
     uses_synthetic_val = m.data.val_shards is None and m.data.zeroshot.synthetic
     task = zeroshot.synthetic_task(m.data.zeroshot.synthetic) if uses_synthetic_val else None
+    z = m.data.zeroshot
+    if vocabulary and (z.folder or z.shards) and distributed.is_main():
+        zeroshot.warn_unmapped_classes(vocabulary, zeroshot.read_class_names(z.classes))
     return Data(train, val, tokenizer, eval_tf, task, vocabulary)
 
 
 def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
-    """Retrieval on the val split, and zero-shot classification where configured; every DP rank
-    evaluates its share. CatLIP has no text tower to retrieve with; it classifies straight from its head."""
+    """Retrieval on the val split, and on the labelled splits configured zero-shot classification and
+    the linear probe; every DP rank evaluates its share. CatLIP has no text tower to retrieve with; it
+    classifies straight from its head."""
     distributed.doing("evaluation")
-    if data.vocabulary:
-        task = data.synthetic_zeroshot
-        return {} if task is None else {  # no zero-shot class files for CatLIP yet
-            f"zeroshot_synthetic_{cfg.model.data.zeroshot.synthetic}_{k}": v for k, v in zeroshot.evaluate_head_zeroshot(
-                model, data.vocabulary, task.classnames, task.batches(data.val()), device, autocast,
-                distributed.dp_group()).items() if k != "images"}
     dp_group, z = distributed.dp_group(), cfg.model.data.zeroshot
-    metrics = evaluate_retrieval(model, data.val(), device, autocast, dp_group)
+    metrics = {} if data.vocabulary else evaluate_retrieval(model, data.val(), device, autocast, dp_group)
     tasks = []
     if data.synthetic_zeroshot:
         task = data.synthetic_zeroshot
@@ -90,9 +88,15 @@ def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
         tasks.append(("classes", zeroshot.read_class_names(z.classes),
                       zeroshot.read_templates(z.templates or zeroshot.OPENAI_TEMPLATES), batches))
     for name, classes, templates, batches in tasks:
-        classifier = zeroshot.zeroshot_classifier(model, classes, templates, data.tokenizer, device, autocast, dp_group)
-        results = zeroshot.evaluate_zeroshot(model, classifier, batches, device, autocast, dp_group)
-        metrics.update({f"zeroshot_{name}_{k}": v for k, v in results.items() if k != "images"})
+        if data.vocabulary:
+            results = zeroshot.evaluate_head_zeroshot(model, data.vocabulary, classes, batches, device, autocast,
+                                                      dp_group, probe=z.linear_probe)
+        else:
+            classifier = zeroshot.zeroshot_classifier(model, classes, templates, data.tokenizer, device, autocast, dp_group)
+            results = zeroshot.evaluate_zeroshot(model, classifier, batches, device, autocast, dp_group, probe=z.linear_probe)
+        metrics.update({f"zeroshot_{name}_{k}": results[k] for k in ("top1", "top5")})
+        if z.linear_probe:
+            metrics[f"probe_{name}_top1"] = results["probe_top1"]
     return metrics
 
 
@@ -137,7 +141,7 @@ def train(cfg, world_size: int) -> TrainResult:
         distributed.doing("training", step)
         images, tokens = next(batches)
         with autocast:
-            loss = objective(model, images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+            loss, terms = objective(model, images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
         loss.backward()
         verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip))
         if verdict.finite:  # otherwise the update is skipped; the step, schedule and data move on
@@ -148,6 +152,7 @@ def train(cfg, world_size: int) -> TrainResult:
         result.step = step
         result.losses.append(loss.item())
         monitor.step(step, loss=result.losses[-1], lr=scheduler.get_last_lr()[0], nonfinite=guard.nonfinite_steps,
+                     terms={name: term.item() for name, term in terms.items()},
                      skipped=lambda: skipped_across_ranks(data.train, device, distributed.dp_group()))
         if step % t.val_check_interval == 0 and step != t.max_steps:
             result.evals[step] = evaluate(model, data, cfg, device, autocast)

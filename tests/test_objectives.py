@@ -29,8 +29,9 @@ def test_siglip_adds_its_bias_with_the_configured_initial_values():
     objective = build_objective(cfg.model, None)
     assert isinstance(objective, SigLipObjective)
     images, tokens = fixed_batch(cfg, 4)
-    loss = objective(model, images, tokens)
+    loss, terms = objective(model, images, tokens)
     loss.backward()
+    assert terms == {"contrastive": loss}
     assert torch.isfinite(loss) and model.logit_bias.grad is not None and model.logit_scale.grad is not None
 
 

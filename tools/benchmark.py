@@ -57,7 +57,7 @@ def worker(config_name: str, steps: int, overrides: list) -> None:
     for _ in range(steps):
         start = time.perf_counter()
         with precision.autocast(cfg, device):
-            loss = objective(model, images, tokens)
+            loss, _ = objective(model, images, tokens)
         loss.backward()
         optimizer.finish_gradients(cfg.model.optim.grad_clip)
         optimizer.step()
