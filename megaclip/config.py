@@ -104,6 +104,8 @@ class ZeroShotConfig:
     label_key: str = "cls"
     classes: Optional[str] = None  # class names file: one per line, or index<TAB>name
     templates: Optional[str] = None  # null: OpenAI's ImageNet templates shipped with megaclip
+    # also a logistic regression on the labelled images' features: fitted on half, scored on the rest
+    linear_probe: bool = True
 
 
 @dataclass
@@ -138,21 +140,38 @@ class CatLipConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Multimodal fusion layers after the text tower (megaclip.model.fusion), trained with image-text
+    matching and captioning, used to re-rank retrieval. Widths are the text tower's."""
+    num_layers: int = 0  # 0: no fusion layers
+    num_attention_heads: Optional[int] = None  # None: the text tower's
+    ffn_hidden_size: Optional[int] = None  # None: the text tower's
+    causal: bool = False  # the fusion self-attention sees the whole caption unless set
+    itm_weight: float = 1.0  # image-text matching on hard negatives
+    lm_weight: float = 1.0  # causal captioning through the fusion layers; 0: off
+    rerank_k: int = 16  # evaluation re-ranks each query's contrastive top-k by match probability
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     output_dim: int = 64
     tensor_model_parallel_size: int = 1
-    micro_batch_size: Optional[int] = None  # None: global_batch_size / data-parallel size
+    micro_batch_size: Optional[int] = None  # None: global_batch_size / data-parallel size; less: accumulation
     global_batch_size: int = 64
+    loss_block_size: int = 0  # clip, siglip: rows and columns of the logits per block of the tiled loss; 0: untiled
     loss: str = "clip"  # clip | siglip | catlip (megaclip.objectives)
     local_loss: bool = False  # clip only
     gather_with_grad: bool = True  # clip only
     siglip: SigLipConfig = field(default_factory=SigLipConfig)
     catlip: CatLipConfig = field(default_factory=CatLipConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     seed: int = 1234
     init_from: Optional[str] = None  # checkpoint (any TP) whose weights start a new run, e.g. a converted one
     linear_impl: str = "auto"  # auto | megatron | torch (plain nn.Linear, TP=1 only)
+    transformer_impl: str = "local"  # local (linear_impl's linears) | te (transformer-engine's Linear; CUDA)
+    fp8: str = "none"  # none | hybrid | e4m3: FP8 GEMMs by a transformer-engine recipe (transformer_impl=te)
     megatron_amp_O2: bool = False  # with trainer.precision=bf16: bf16 weights, fp32 master weights in the optimizer
     sequence_parallel: bool = False  # needs tp > 1: activations outside the TP linears split along the sequence
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -255,6 +274,11 @@ def micro_batch_size(cfg: Any, world_size: int) -> int:
     return cfg.model.micro_batch_size or cfg.model.global_batch_size // data_parallel_size(cfg, world_size)
 
 
+def micro_batches(cfg: Any, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank (gradient accumulation when more than one)."""
+    return cfg.model.global_batch_size // data_parallel_size(cfg, world_size) // micro_batch_size(cfg, world_size)
+
+
 def validate(cfg: Any, world_size: int, data: bool = True) -> None:
     """Raise ConfigError (one line) for any configuration that cannot run at this world size;
     ``data=False`` leaves out the data settings (for runs on random batches)."""
@@ -277,17 +301,26 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         raise ConfigError("model.linear_impl=torch is single-device only; use auto or megatron with tp > 1")
     if m.linear_impl not in ("auto", "megatron", "torch"):
         raise ConfigError(f"model.linear_impl must be auto, megatron or torch, got '{m.linear_impl}'")
+    if m.transformer_impl != "local" or m.fp8 != "none":
+        from megaclip.model.te_linear import transformer_impl_problem  # imports torch: only when asked for
+
+        problem = transformer_impl_problem(m.transformer_impl, m.fp8)
+        if problem:
+            raise ConfigError(problem)
     dp = world_size // tp
     if m.global_batch_size % dp:
         raise ConfigError(f"model.global_batch_size {m.global_batch_size} is not divisible by data-parallel size {dp} (world {world_size} / tp {tp})")
-    if m.micro_batch_size is not None and m.micro_batch_size * dp != m.global_batch_size:
+    rank_batch = m.global_batch_size // dp
+    if m.micro_batch_size is not None and rank_batch % m.micro_batch_size:
         raise ConfigError(
-            f"model.micro_batch_size {m.micro_batch_size} x data-parallel size {dp} != global_batch_size "
-            f"{m.global_batch_size} (gradient accumulation is not supported yet; leave micro_batch_size unset)")
+            f"model.micro_batch_size {m.micro_batch_size} does not divide the per-rank batch {rank_batch} (global_batch_size "
+            f"{m.global_batch_size} / data-parallel size {dp}): accumulation needs a whole number of micro-batches")
     if m.loss not in ("clip", "siglip", "catlip"):
         raise ConfigError(f"model.loss '{m.loss}' is not available (choose clip, siglip or catlip)")
     if m.loss == "catlip" and m.catlip.vocabulary is None and m.data.train_shards is not None:
         raise ConfigError("model.catlip.vocabulary is not set (tools/build_synset_vocab.py writes one from the train shards)")
+    if m.fusion.num_layers:
+        _validate_fusion(m, tp)
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
     for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite"):
@@ -349,6 +382,17 @@ def _validate_sequence_parallel(m: Any, tp: int, patches: int) -> None:
             raise ConfigError(f"model.vision.drop_patch_rate {m.vision.drop_patch_rate} {e}") from None
 
 
+def _validate_fusion(m: Any, tp: int) -> None:
+    if m.loss not in ("clip", "siglip"):
+        raise ConfigError(f"model.fusion.num_layers needs a contrastive loss (clip or siglip), not model.loss={m.loss}")
+    from megaclip.model.fusion import fusion_config  # the text tower's settings where the fusion keys are null
+
+    _validate_tower("fusion", fusion_config(m), tp)
+    if m.sequence_parallel and not m.fusion.causal and m.text.encoder_seq_length % tp:
+        raise ConfigError(f"model.sequence_parallel: the fusion layers attend both ways, so the text length "
+                          f"{m.text.encoder_seq_length} must divide by tp {tp} (or set model.fusion.causal=true)")
+
+
 def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:
     """The head count closest to ``heads`` that divides ``width`` and that ``tp`` divides (for g/14's 22
     heads at tp 4 this is 16, open_clip's variant)."""
@@ -368,11 +412,15 @@ _RANGES = [(f"model.{tower}.{key}", op, bound) for tower in ("vision", "text") f
     ("model.vision.drop_patch_rate", "in [0, 1)", None),
     ("model.text.vocab_size", ">=", 1), ("model.output_dim", ">=", 1), ("model.tensor_model_parallel_size", ">=", 1),
     ("model.global_batch_size", ">=", 1), ("model.micro_batch_size", ">=", 1), ("model.seed", "in [0, 2**32)", None),
+    ("model.loss_block_size", ">=", 0),
     ("model.optim.lr", ">", 0), ("model.optim.weight_decay", ">=", 0), ("model.optim.eps", ">", 0),
     ("model.optim.grad_clip", ">=", 0), ("model.optim.sched.warmup_steps", ">=", 0), ("model.optim.sched.min_lr", ">=", 0),
     ("model.data.shuffle_buffer", ">=", 0), ("model.data.shuffle_window", ">=", 1), ("model.data.num_workers", ">=", 0),
     ("model.data.prefetch_factor", ">=", 1), ("model.data.eval_batch_size", ">=", 1),
     ("model.data.synthetic_train_samples", ">=", 1),
+    ("model.fusion.num_layers", ">=", 0), ("model.fusion.num_attention_heads", ">=", 1),
+    ("model.fusion.ffn_hidden_size", ">=", 1), ("model.fusion.itm_weight", ">=", 0), ("model.fusion.lm_weight", ">=", 0),
+    ("model.fusion.rerank_k", ">=", 1),
     ("exp_manager.checkpoint.every_n_steps", ">=", 0), ("exp_manager.checkpoint.save_top_k", ">=", 1),
 ]
 _WITHIN = {  # the ranges that are not a single bound

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 
-from megaclip import distributed, errors, precision, run_lock, zeroshot
+from megaclip import accumulation, distributed, errors, precision, run_lock, zeroshot
 from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint.model import init_model_from
 from megaclip.checkpoint import training as checkpointing
-from megaclip.config import ConfigError, micro_batch_size
+from megaclip.config import ConfigError, micro_batches
 from megaclip.data import prepare
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.loader import build_train_loader, skipped_across_ranks
@@ -54,7 +54,8 @@ def build_data(cfg, world_size: int) -> Data:
     dp_rank, dp_size = distributed.dp_rank(), distributed.dp_size()
     vocabulary = run_vocabulary(m, sources.train_shards) if m.loss == "catlip" else None
     train = build_train_loader(sources.train_shards, m.data, dp_rank=dp_rank, dp_size=dp_size,
-                               micro_batch_size=micro_batch_size(cfg, world_size), image_transform=train_tf,
+                               # the rank's whole batch: accumulation.step splits it into micro-batches
+                               micro_batch_size=m.global_batch_size // dp_size, image_transform=train_tf,
                                tokenizer=vocabulary.multi_hot if vocabulary else tokenizer, seed=m.seed)
 
     def val():
@@ -141,8 +142,7 @@ def train(cfg, world_size: int) -> TrainResult:
         distributed.doing("training", step)
         images, tokens = next(batches)
         with autocast:
-            loss, terms = objective(model, images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
-        loss.backward()
+            loss, terms = accumulation.step(objective, model, images, tokens, micro_batches(cfg, world_size), device)
         verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip))
         if verdict.finite:  # otherwise the update is skipped; the step, schedule and data move on
             optimizer.step()

@@ -1,5 +1,8 @@
-"""Zero-shot classification: a classifier built from class names and prompt templates, top-k accuracy
-on labelled images (an image folder, a webdataset split with a label key, or the synthetic val split).
+"""Zero-shot classification: a classifier built from class names and prompt templates (or CatLIP's
+head), top-k accuracy on labelled images (an image folder, a webdataset split with a label key, or the
+synthetic val split), and on the same pass the linear probe's accuracy (megaclip.probe).
+
+Labelled batches are (images, labels, keys) tuples, the keys naming the samples for the probe's split.
 
 Class list file: one class name per line, or `index<TAB>name` lines covering 0..C-1 in any order.
 Template file: one template per line, `{}` standing for the class name. In both, blank lines and
@@ -8,6 +11,7 @@ lines starting with # are ignored.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Sequence
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from megaclip.data.eval_loader import build_eval_loader
 from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES
 from megaclip.model.parallel import gather_tensor_parallel
+from megaclip.probe import probe_accuracy
 
 OPENAI_TEMPLATES = Path(__file__).resolve().parent / "data" / "templates" / "openai_imagenet_templates.txt"
 TOP_K = (1, 5)
@@ -95,49 +100,84 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> Dict[i
 
 @torch.no_grad()
 def evaluate_zeroshot(model, classifier: torch.Tensor, batches: Iterable, device, autocast, dp_group=None,
-                      ks=TOP_K) -> Dict[str, float]:
-    """top-k accuracy over (images, labels) batches; every rank of dp_group passes its share and
-    gets the accuracy over all of them."""
+                      ks=TOP_K, probe: bool = False) -> Dict[str, float]:
+    """top-k accuracy over (images, labels[, keys]) batches; every rank of dp_group passes its share and
+    gets the accuracy over all of them. With probe (batches with keys), also "probe_top1": the linear
+    probe's accuracy on the normalized image features of the same images."""
     weights = classifier.to(device).float()
-    return _accuracy(model, lambda images: model.encode_image(images).float() @ weights, batches, device, autocast, dp_group, ks)
+
+    def scores(images):
+        features = model.encode_image(images).float()
+        return features @ weights, features
+    return _evaluate(model, scores, batches, device, autocast, dp_group, ks, classifier.shape[1] if probe else None)
+
+
+def head_class_members(vocabulary, classnames: Sequence[str]) -> List[List[int]]:
+    """For each class name, the vocabulary classes (synsets) it maps to; empty where it maps to none."""
+    return [vocabulary.classes(name) for name in classnames]
+
+
+def warn_unmapped_classes(vocabulary, classnames: Sequence[str]) -> None:
+    """One line on stderr naming the classes CatLIP's head cannot score (no synset of the name is in
+    its vocabulary): they are never predicted, so their images count as errors."""
+    missing = [name for name, members in zip(classnames, head_class_members(vocabulary, classnames)) if not members]
+    if missing:
+        print(f"megaclip: warning: {len(missing)} of {len(classnames)} zero-shot classes name no synset in the CatLIP "
+              f"vocabulary and are never predicted: {', '.join(missing)}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
 def evaluate_head_zeroshot(model, vocabulary, classnames: Sequence[str], batches: Iterable, device, autocast,
-                           dp_group=None, ks=TOP_K) -> Dict[str, float]:
+                           dp_group=None, ks=TOP_K, probe: bool = False) -> Dict[str, float]:
     """CatLIP's zero-shot classification, straight from its head: a class scores the highest logit
-    among the synsets its name maps to (a name that maps to none never wins)."""
-    members = [vocabulary.classes(name) for name in classnames]
+    among the synsets its name maps to (a name that maps to none never wins). With probe, as in
+    evaluate_zeroshot, the probe sees the normalized image embedding (the head's input)."""
+    members = head_class_members(vocabulary, classnames)
     head = model.catlip_head.weight
 
     def scores(images):
+        embeddings = model.visual(images)
         # the logits of every synset: transposed, the classes lie along the head weight's split dim
-        logits = gather_tensor_parallel(model.classify(images).float().T.contiguous(), head).T
+        logits = gather_tensor_parallel(model.catlip_head(embeddings).float().T.contiguous(), head).T
         return torch.stack([logits[:, m].amax(dim=1) if m else torch.full_like(logits[:, 0], -torch.inf)
-                            for m in members], dim=1)
-    return _accuracy(model, scores, batches, device, autocast, dp_group, ks)
+                            for m in members], dim=1), F.normalize(embeddings.float(), dim=-1)
+    return _evaluate(model, scores, batches, device, autocast, dp_group, ks, len(classnames) if probe else None)
 
 
-def _accuracy(model, scores, batches: Iterable, device, autocast, dp_group, ks) -> Dict[str, float]:
+def _evaluate(model, scores, batches: Iterable, device, autocast, dp_group, ks, probe_classes) -> Dict[str, float]:
+    """One pass: scores(images) -> (class scores, image features); the features are kept for the probe
+    when probe_classes (the class count) is given."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(1 + len(ks), dtype=torch.float64)
-    for images, labels in batches:
+    kept = []
+    for images, labels, *keys in batches:
         with autocast:
-            logits = scores(images.to(device))
+            logits, features = scores(images.to(device))
         correct = topk_correct(logits.float().cpu(), labels, ks)
         totals += torch.tensor([len(labels), *(correct[k] for k in ks)], dtype=torch.float64)
+        if probe_classes:
+            if not keys:
+                raise ValueError("the linear probe needs (images, labels, keys) batches: the keys split its samples")
+            kept.append((features.float().cpu(), labels, keys[0]))
     model.train(was_training)
     if _dp(dp_group)[1] > 1:
         totals = totals.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(totals, group=dp_group)
     count, *hits = totals.cpu().tolist()
-    return {**{f"top{k}": h / max(count, 1) for k, h in zip(ks, hits)}, "images": int(count)}
+    results = {**{f"top{k}": h / max(count, 1) for k, h in zip(ks, hits)}, "images": int(count)}
+    if probe_classes:
+        features = torch.cat([f for f, *_ in kept]) if kept else torch.zeros(0, 0)
+        labels = torch.cat([l for _, l, *_ in kept]) if kept else torch.zeros(0, dtype=torch.long)
+        keys = [k for _, _, batch_keys in kept for k in batch_keys]
+        probe = probe_accuracy(features, labels, keys, probe_classes, dp_group, device)
+        results.update(probe_top1=probe["top1"], probe_images=probe["images"])
+    return results
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, items, classes, image_transform):
-        self.items, self.classes, self.image_transform = items, classes, image_transform
+    def __init__(self, root, items, classes, image_transform):
+        self.root, self.items, self.classes, self.image_transform = root, items, classes, image_transform
 
     def __len__(self):
         return len(self.items)
@@ -145,31 +185,32 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index):
         path, label = self.items[index]
         with Image.open(path) as image:
-            return self.image_transform(image.convert("RGB")), label
+            return self.image_transform(image.convert("RGB")), label, os.path.relpath(path, self.root)
 
 
 def image_folder_batches(root, image_transform, *, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                          num_workers: int = 0) -> DataLoader:
-    """(images, labels) batches of root/<class>/<image>, this rank's every dp_size-th image; label i is
-    the i-th class subfolder in sorted order (torchvision's ImageFolder order), listed in .dataset.classes."""
+    """(images, labels, keys) batches of root/<class>/<image>, this rank's every dp_size-th image; label i
+    is the i-th class subfolder in sorted order (torchvision's ImageFolder order), listed in
+    .dataset.classes; a key is the image's path under root."""
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     items = [(os.path.join(root, name, file), label) for label, name in enumerate(classes)
              for file in sorted(os.listdir(os.path.join(root, name))) if file.lower().endswith(IMAGE_EXTENSIONS)]
     if not items:
         raise FileNotFoundError(f"no images in class subfolders of {root}")
-    return DataLoader(_ImageFiles(items[dp_rank::dp_size], classes, image_transform), batch_size=batch_size,
+    return DataLoader(_ImageFiles(root, items[dp_rank::dp_size], classes, image_transform), batch_size=batch_size,
                       num_workers=num_workers)
 
 
 def labelled_batches(*, folder=None, shards=None, data_cfg, image_transform, tokenizer, batch_size: int,
                      label_key: str = "cls", dp_rank: int = 0, dp_size: int = 1) -> Iterable:
-    """(images, labels) batches of an image folder, or else of shards whose samples carry a label in
-    ``label_key``: this data-parallel rank's share."""
+    """(images, labels, keys) batches of an image folder, or else of shards whose samples carry a label
+    in ``label_key``: this data-parallel rank's share."""
     if folder:
         return image_folder_batches(folder, image_transform, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
     loader = build_eval_loader(shards, data_cfg, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
                                image_transform=image_transform, tokenizer=tokenizer, label_key=label_key)
-    return ((batch.images, batch.labels) for batch in loader)
+    return ((batch.images, batch.labels, batch.keys) for batch in loader)
 
 
 @dataclass(frozen=True)
@@ -182,7 +223,7 @@ class CaptionTask:
     def batches(self, eval_batches: Iterable) -> Iterator[tuple]:
         for batch in eval_batches:
             first = [batch.captions[int((batch.caption_image == i).nonzero()[0])] for i in range(len(batch.images))]
-            yield batch.images, torch.tensor([self.label_of_caption(c) for c in first])
+            yield batch.images, torch.tensor([self.label_of_caption(c) for c in first]), batch.keys
 
 
 def synthetic_task(attribute: str = "shape") -> CaptionTask:

@@ -2,6 +2,7 @@
 logits of the whole batch on one process (TP 1/2/4, DP 2, TP2xDP2)."""
 import subprocess
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from megaclip.checkpoint.model import load_model_for_inference
 from megaclip.config import ConfigError, validate
 from megaclip.data.samples import DataError
 from megaclip.data.synset_vocab import run_vocabulary
+from megaclip.data.synthetic import SHAPES, render
 from megaclip.optim import average_gradients
 from tests.distributed import run_distributed
 from tests.helpers import small_config
@@ -84,13 +86,35 @@ def test_classes_must_divide_by_tp(tmp_path):
     assert len(run_vocabulary(small_config("model.loss=catlip", f"model.catlip.vocabulary={vocabulary}", "tp=3").model, None)) == 3
 
 
+def colour_folder(root):
+    """An image folder of synthetic shapes by colour, and its class file; "unicorn" (a WordNet noun that
+    no synthetic caption names) holds white shapes."""
+    rng = numpy.random.default_rng(0)
+    for name, colour in (("blue", "blue"), ("green", "green"), ("red", "red"), ("unicorn", "white")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            render(colour, SHAPES[i], 2 * i, 32, rng).save(root / name / f"{i}.png")
+    (root / "classes.txt").write_text("blue\ngreen\nred\nunicorn\n")
+    return ["model.data.zeroshot.folder=" + str(root), f"model.data.zeroshot.classes={root / 'classes.txt'}"]
+
+
 def test_whole_run_learns_and_resumes(tmp_path, capsys):
     """model.loss=catlip at TP=2 on the synthetic set (its 20 classes counted from its captions, no
-    vocabulary file): the loss falls well below what captions alone allow; the run resumes."""
+    vocabulary file): the loss falls well below what captions alone allow; the head names the colour
+    of the val images and of a labelled folder's, a linear probe on the image features names it too;
+    the run resumes."""
     run, data = tmp_path / "run", tmp_path / "data"
-    keys = ["tp=2", "model.loss=catlip", "model.optim.sched.warmup_steps=8", "exp_manager.checkpoint.every_n_steps=64"]
+    keys = ["tp=2", "model.loss=catlip", "model.optim.sched.warmup_steps=8", "exp_manager.checkpoint.every_n_steps=64",
+            *colour_folder(tmp_path / "folder")]
     proc = subprocess.run(command(data, run, *keys, "steps=64"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the folder's classes: one warning line for the class the head cannot score; its images count as errors
+    warnings = [line for line in proc.stderr.splitlines() if "zero-shot classes" in line]
+    assert warnings == ["megaclip: warning: 1 of 4 zero-shot classes name no synset in the CatLIP vocabulary "
+                        "and are never predicted: unicorn"], proc.stderr[-2000:]
+    assert 0 <= metric(proc.stdout, "zeroshot_classes_top1") <= 0.75
+    # the probe: fitted on about half of the 432 val images' embeddings, scored on the rest (chance 1/8)
+    assert metric(proc.stdout, "probe_synthetic_colour_top1") > 3 / 8, proc.stdout[-1000:]
     curve = losses(run)
     # Each caption names 3-4 of the 20 classes. The best prediction that ignores the image, each class's
     # frequency, scores the base rates' entropy: 8.65 nats on these 2048 captions (the start, all logits
@@ -114,5 +138,9 @@ def test_whole_run_learns_and_resumes(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "is a model.loss=catlip model: no text tower" in err[0], err
 
 
+def metric(stdout, name):
+    return float(stdout.splitlines()[-1].split(f"{name}=")[1].split()[0])
+
+
 def top1(stdout):
-    return float(stdout.splitlines()[-1].split("zeroshot_synthetic_colour_top1=")[1].split()[0])
+    return metric(stdout, "zeroshot_synthetic_colour_top1")

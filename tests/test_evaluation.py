@@ -1,5 +1,6 @@
 """Retrieval and zero-shot metrics against brute-force references, alone and over 2 DP ranks."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -222,8 +223,8 @@ def test_synthetic_task_labels_from_captions():
     assert shape.templates[0].format("circle") == "a red circle at the top left"
     batch = EvalBatch(torch.zeros(2, 3, 4, 4), torch.zeros(3, 1, dtype=torch.long), torch.tensor([0, 0, 1]),
                       ["a cyan ring in the center", "ignored", "a blue square on the left"], None, ["a", "b"])
-    [(images, labels)] = list(shape.batches([batch]))
-    assert labels.tolist() == [5, 1] and images is batch.images
+    [(images, labels, keys)] = list(shape.batches([batch]))
+    assert labels.tolist() == [5, 1] and images is batch.images and keys == ["a", "b"]
     assert next(colour.batches([batch]))[1].tolist() == [7, 2]
     with pytest.raises(ValueError, match="choose shape or colour"):
         synthetic_task("size")
@@ -237,7 +238,8 @@ def test_image_folder_batches(tmp_path):
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     transform = lambda image: torch.tensor(image.size)
     batches = list(image_folder_batches(tmp_path, transform, batch_size=4))
-    assert [labels.tolist() for _, labels in batches] == [[0, 0, 1, 1], [1]]  # ant < zebra
+    assert [labels.tolist() for _, labels, _ in batches] == [[0, 0, 1, 1], [1]]  # ant < zebra
+    assert list(batches[1][2]) == [f"zebra{os.sep}2.png"]  # the key: the path under the folder
     assert batches[0][0].tolist() == [[24, 24]] * 4
     shares = [image_folder_batches(tmp_path, transform, batch_size=8, dp_rank=r, dp_size=2) for r in range(2)]
     assert [next(iter(s))[1].tolist() for s in shares] == [[0, 1, 1], [0, 1]]
