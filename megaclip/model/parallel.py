@@ -3,7 +3,9 @@
 Every tower builds its linears through a ``Linears`` factory: ``column`` splits output features across
 the tensor-parallel (TP) ranks, ``row`` splits input features and all-reduces the output. Whatever
 backs them (megatron-core's parallel linears, or a plain ``nn.Linear`` at TP=1, which we measured 7-9 %
-faster; with nn.Embedding for tokens, such a model needs no process group at all), parameters are named ``weight``/``bias`` with the same shapes, so checkpoints do not care.
+faster; with nn.Embedding for tokens, such a model needs no process group at all; or, with
+``transformer_impl="te"``, transformer-engine's Linear, see ``megaclip.model.te_linear``), parameters are
+named ``weight``/``bias`` with the same shapes, so checkpoints do not care.
 
 Sequence parallelism is done here too, with our own autograd functions rather than megatron-core's:
 its sequence-parallel communication allocates on CUDA and fails on CPU. Activations between the TP
@@ -91,14 +93,19 @@ class TorchLinear(nn.Linear):
 
 
 class Linears:
-    """Factory for the column / row linears of one tower."""
+    """Factory for the column / row linears of one tower. ``impl`` (model.linear_impl) backs them and the
+    token embedding; ``transformer_impl="te"`` (model.transformer_impl) puts transformer-engine's Linear
+    behind the column and row linears instead, with FP8 GEMMs when ``fp8`` names a format (model.fp8)."""
 
-    def __init__(self, tensor_parallel_size: int, impl: str = "auto", sequence_parallel: bool = False):
+    def __init__(self, tensor_parallel_size: int, impl: str = "auto", sequence_parallel: bool = False,
+                 transformer_impl: str = "local", fp8: str = "none"):
         if impl == "auto":
             impl = "torch" if tensor_parallel_size == 1 else "megatron"
         self.impl = impl
         self.tp = tensor_parallel_size
         self.sequence_parallel = sequence_parallel
+        self.transformer_impl = transformer_impl
+        self.fp8 = fp8
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=tensor_parallel_size,
             use_cpu_initialization=True,
@@ -107,7 +114,16 @@ class Linears:
             gradient_accumulation_fusion=False,
         )
 
+    @classmethod
+    def for_towers(cls, model_cfg) -> "Linears":
+        """The factory of the towers' layers for a ``model`` config section (``get``: configs saved
+        before the transformer_impl and fp8 keys existed)."""
+        return cls(model_cfg.tensor_model_parallel_size, model_cfg.linear_impl, model_cfg.sequence_parallel,
+                   model_cfg.get("transformer_impl", "local"), model_cfg.get("fp8", "none"))
+
     def column(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True) -> nn.Module:
+        if self.transformer_impl == "te":
+            return self._te("column", in_features, out_features, init_method, bias)
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
         return ColumnLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
@@ -115,10 +131,19 @@ class Linears:
                             disable_grad_reduce=self.sequence_parallel)
 
     def row(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True) -> nn.Module:
+        if self.transformer_impl == "te":
+            return self._te("row", in_features, out_features, init_method, bias)
         if self.impl == "torch":
             return TorchLinear(in_features, out_features, bias, init_method)
         return RowLinear(in_features, out_features, config=self.config, init_method=init_method, bias=bias,
                          input_is_parallel=True, skip_bias_add=True, sequence_parallel=self.sequence_parallel)
+
+    def _te(self, kind: str, in_features: int, out_features: int, init_method: InitMethod, bias: bool) -> nn.Module:
+        from megaclip.model.te_linear import build_te_linear  # imports parallel: not at module level
+
+        rank = parallel_state.get_tensor_model_parallel_rank() if self.tp > 1 else 0
+        return build_te_linear(kind, in_features, out_features, bias, init_method, self.tp, rank,
+                               self.sequence_parallel, self.fp8)
 
     def vocab_embedding(self, vocab_size: int, dim: int, std: float) -> nn.Module:
         """Token embedding split over the vocabulary, padded to a multiple of 128 x TP.
