@@ -38,7 +38,7 @@ def catlip_loss(local_logits: torch.Tensor, targets: torch.Tensor, tp_group=None
     ``targets``: (batch, classes) multi-hot over all classes."""
     width = local_logits.shape[1]
     start = dist.get_rank(tp_group) * width if _spans(tp_group) else 0
-    logits = local_logits.float()  # fp32 whatever the model's precision
+    logits = local_logits.to(torch.promote_types(local_logits.dtype, torch.float32))  # fp32 or better, always
     loss = F.binary_cross_entropy_with_logits(logits, targets[:, start:start + width].to(logits), reduction="sum")
     if _spans(tp_group):
         loss = _ReduceWithIdentityGrad.apply(loss, tp_group, False)

@@ -1,0 +1,141 @@
+"""Gradient accumulation: k micro-batches give the very gradient, loss and update of one step over the whole
+batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP; patch dropout and drop path on),
+and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the replay)."""
+import pytest
+import torch
+
+from megaclip import accumulation, distributed
+from megaclip.model import CLIPModel
+from megaclip.model.regularisers import draw_step_seed, drawn_for_step
+from megaclip.objectives import build_objective
+from megaclip.optim import build_optimizer
+from tests.distributed import run_distributed
+from tests.helpers import fixed_batch, full_tensors, small_config
+
+BATCH = 16  # global: 8 per rank at DP 2, so 2 and 4 micro-batches of 4 and 2
+REGULARISED = ["model.vision.img_h=32", "model.vision.img_w=32", "model.vision.class_token_length=2",
+               "model.vision.drop_patch_rate=0.5", "model.vision.drop_path_rate=0.5", "model.text.drop_path_rate=0.5"]
+DROPOUT = [f"model.{tower}.{key}=0.2" for tower in ("vision", "text") for key in ("hidden_dropout", "attention_dropout")]
+OBJECTIVES = {"clip-global": [], "clip-local": ["model.local_loss=true"], "siglip": ["model.loss=siglip"],
+              "catlip": ["model.loss=catlip"]}
+CLASSES = 8  # CatLIP's head, without a vocabulary
+
+
+def build(name, *overrides):
+    cfg = small_config(f"tp={distributed.tp_size()}", *REGULARISED, *OBJECTIVES[name], *overrides)
+    distributed.seed_everything(3)
+    model = CLIPModel(cfg.model, CLASSES if name == "catlip" else None)
+    return cfg, model, build_objective(cfg.model, distributed.dp_group())
+
+
+def rank_batch(cfg, name, step):
+    images, tokens = fixed_batch(cfg, BATCH, seed=step)
+    if name == "catlip":
+        tokens = (torch.rand(BATCH, CLASSES, generator=torch.Generator().manual_seed(step)) < 0.3).float()
+    per_rank = BATCH // distributed.dp_size()
+    rows = slice(distributed.dp_rank() * per_rank, (distributed.dp_rank() + 1) * per_rank)
+    return images[rows], tokens[rows]
+
+
+def two_steps(name, micro_batches):
+    """Per optimizer step: the loss and the full-size gradients after the DP average and clipping; then the
+    parameters after both updates."""
+    cfg, model, objective = build(name, "model.optim.grad_clip=0.05")
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    steps = []
+    for step in range(2):
+        loss, terms = accumulation.step(objective, model, *rank_batch(cfg, name, step), micro_batches, torch.device("cpu"),
+                                        optimizer.no_sync)
+        norm = optimizer.finish_gradients(cfg.model.optim.grad_clip)
+        # copies: the optimizer zeroes its gradient buffers in place, and .grad are views into them
+        steps.append((loss.item(), norm.item(), {n: g.clone() for n, (_, g) in full_tensors(model, cfg).items()}))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+    return steps, {n: v.clone() for n, (v, _) in full_tensors(model, cfg).items()}
+
+
+def every_split():
+    return {(name, k): two_steps(name, k) for name in OBJECTIVES for k in (1, 2, 4)}
+
+
+@pytest.fixture(scope="module", params=[(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
+def splits(request):
+    return run_distributed(every_split, *request.param)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize("k", [2, 4])
+def test_micro_batches_equal_the_whole_batch(splits, name, k):
+    for rank in splits:
+        (whole_steps, whole_params), (steps, params) = rank[(name, 1)], rank[(name, k)]
+        for (ref_loss, ref_norm, ref_grads), (loss, norm, grads) in zip(whole_steps, steps):
+            # fp32 (eps 1.2e-7): the micro-batches' forwards and backwards sum the same products in other
+            # orders (smaller matmuls, gradients added micro-batch by micro-batch); a gradient element sums
+            # up to ~1e4 of them, and reordering moves it by ~sqrt(n) eps ~ 1e-5 of the tensor's largest
+            # gradient (as in test_loss); the loss and the norm follow. A logit scale counted k times, a
+            # micro-batch lost or counted twice, a mask of other patches are off by O(1).
+            assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
+            assert ref_grads.keys() == grads.keys()
+            for n, ref in ref_grads.items():
+                torch.testing.assert_close(grads[n], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=n)
+        # Two warm-up updates (lr 1e-4, 2e-4) of Adam, whose eps (1e-6) is far above the rounding of the
+        # gradients compared above: an update moves by ~1e-5 of itself, a few 1e-9; 1e-6 is 1 % of an update.
+        for n, ref in whole_params.items():
+            torch.testing.assert_close(params[n], ref, rtol=1e-5, atol=1e-6, msg=n)
+    if name != "catlip":  # the scalars' gradients come from the loss over the whole batch, once
+        assert splits[0][(name, k)][0][0][2]["logit_scale"].abs().item() > 1e-4
+
+
+def gradients_with_dropout(name, micro_batches, replay=True):
+    """One step with tower dropout on: the gradients of GradCache's accumulation, and the reference: the
+    loss of the features of the same micro-batch forwards, the same draws, through autograd."""
+    cfg, model, objective = build(name, *DROPOUT)
+    images, tokens = rank_batch(cfg, name, 0)
+    rng, replay_state = torch.get_rng_state(), accumulation._set_rng_state
+    if not replay:  # what open_clip does: pass 3 draws new dropout masks
+        accumulation._set_rng_state = lambda state, device: None
+    try:
+        loss, _ = accumulation.step(objective, model, images, tokens, micro_batches, torch.device("cpu"))
+    finally:
+        accumulation._set_rng_state = replay_state
+    accumulated = {n: g.clone() for n, (_, g) in full_tensors(model, cfg).items()}
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    seed, features = draw_step_seed(), []
+    for i, part in enumerate(zip(images.chunk(micro_batches), tokens.chunk(micro_batches))):
+        with drawn_for_step(seed, i, micro_batches):
+            features.append(objective.features(model, *part))
+    ref_loss, _ = objective.loss(model, tuple(torch.cat(f) for f in zip(*features)))
+    ref_loss.backward()
+    return loss.item(), ref_loss.item(), accumulated, {n: g for n, (_, g) in full_tensors(model, cfg).items()}
+
+
+def dropout_cases():
+    return {(name, k, replay): gradients_with_dropout(name, k, replay)
+            for name in ("clip-global", "siglip") for k in (2, 4) for replay in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def dropout():
+    return run_distributed(dropout_cases, 4, 2)
+
+
+@pytest.mark.parametrize("name", ["clip-global", "siglip"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_dropout_is_replayed(dropout, name, k):
+    """Attention and hidden dropout draw masks of the micro-batch's shape, so no split can draw the whole
+    batch's; what accumulation promises with them is the exact gradient of the loss it reports."""
+    for rank in dropout:
+        loss, ref_loss, grads, ref_grads = rank[(name, k, True)]
+        # the same kernels on the same inputs, the micro-batches' parameter gradients summed in another
+        # order (in the one backward of the reference, one by one in accumulation): as above
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for n, ref in ref_grads.items():
+            torch.testing.assert_close(grads[n], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=n)
+        # without the replay pass 3 computes other features than pass 1: the gradients are off by O(1)
+        loss, ref_loss, grads, ref_grads = rank[(name, k, False)]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        off = max((grads[n] - ref).abs().max().item() / ref.abs().max().item() for n, ref in ref_grads.items()
+                  if ref.abs().max() > 0)
+        assert off > 1e-2
