@@ -93,6 +93,10 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0
+    # gradients are reduced over DP in buckets of at most this many MB of fp32 gradient, each started
+    # as soon as backward has produced it (overlap_grad_sync) or all after backward
+    bucket_size_mb: float = 40.0
+    overlap_grad_sync: bool = True
     sched: SchedConfig = field(default_factory=SchedConfig)
 
 
@@ -388,6 +392,8 @@ def _validate_fusion(m: Any, tp: int) -> None:
     from megaclip.model.fusion import fusion_config  # the text tower's settings where the fusion keys are null
 
     _validate_tower("fusion", fusion_config(m), tp)
+    if m.fusion.itm_weight and m.global_batch_size < 2:
+        raise ConfigError("model.fusion.itm_weight > 0 draws each sample's negative from the others: global_batch_size must be >= 2")
     if m.sequence_parallel and not m.fusion.causal and m.text.encoder_seq_length % tp:
         raise ConfigError(f"model.sequence_parallel: the fusion layers attend both ways, so the text length "
                           f"{m.text.encoder_seq_length} must divide by tp {tp} (or set model.fusion.causal=true)")
@@ -414,7 +420,7 @@ _RANGES = [(f"model.{tower}.{key}", op, bound) for tower in ("vision", "text") f
     ("model.global_batch_size", ">=", 1), ("model.micro_batch_size", ">=", 1), ("model.seed", "in [0, 2**32)", None),
     ("model.loss_block_size", ">=", 0),
     ("model.optim.lr", ">", 0), ("model.optim.weight_decay", ">=", 0), ("model.optim.eps", ">", 0),
-    ("model.optim.grad_clip", ">=", 0), ("model.optim.sched.warmup_steps", ">=", 0), ("model.optim.sched.min_lr", ">=", 0),
+    ("model.optim.grad_clip", ">=", 0), ("model.optim.bucket_size_mb", ">", 0), ("model.optim.sched.warmup_steps", ">=", 0), ("model.optim.sched.min_lr", ">=", 0),
     ("model.data.shuffle_buffer", ">=", 0), ("model.data.shuffle_window", ">=", 1), ("model.data.num_workers", ">=", 0),
     ("model.data.prefetch_factor", ">=", 1), ("model.data.eval_batch_size", ">=", 1),
     ("model.data.synthetic_train_samples", ">=", 1),

@@ -103,4 +103,9 @@ class CatLipObjective(Objective):
 
 
 def build_objective(model_cfg, dp_group):
-    return {"clip": ClipObjective, "siglip": SigLipObjective, "catlip": CatLipObjective}[model_cfg.loss](model_cfg, dp_group)
+    objective = {"clip": ClipObjective, "siglip": SigLipObjective, "catlip": CatLipObjective}[model_cfg.loss](model_cfg, dp_group)
+    if model_cfg.fusion.num_layers:  # the contrastive loss plus the fusion layers' terms
+        from megaclip.fusion_objective import FusionObjective  # it builds on Objective, defined here
+
+        objective = FusionObjective(model_cfg, dp_group, objective)
+    return objective

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megaclip.model.fusion import FusionEncoder
 from megaclip.model.parallel import Linears, normal_init
 from megaclip.objectives import requirements
 from megaclip.model.text import TextTower
@@ -29,6 +30,9 @@ class CLIPModel(nn.Module):
             # its input is one embedding per image, not a sequence: never sequence parallel
             head_linears = Linears(cfg.tensor_model_parallel_size, cfg.linear_impl)
             self.catlip_head = head_linears.column(cfg.output_dim, num_classes, normal_init(cfg.output_dim ** -0.5))
+        fusion = cfg.get("fusion")  # configs saved before the key existed have none
+        if fusion is not None and fusion.num_layers:
+            self.fusion = FusionEncoder(cfg, linears, self.text.eot_id)
         for name, initial in requirements(cfg).scalars.items():
             self.register_parameter(name, nn.Parameter(torch.tensor(float(initial))))
 
@@ -37,6 +41,16 @@ class CLIPModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens), dim=-1)
+
+    def encode_multimodal(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The fused embedding of each image-caption pair (the fusion layers' end-of-text state)."""
+        return self.fusion.pooled(self.visual.forward_with_tokens(images)[1], self.text.forward_with_states(tokens)[1], tokens)
+
+    def match_probability(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The probability that each caption describes its image (the ITM head)."""
+        logits = self.fusion.match_logits(self.visual.forward_with_tokens(images)[1],
+                                          self.text.forward_with_states(tokens)[1], tokens)
+        return logits.float().softmax(-1)[:, 1]
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """CatLIP's logits of this TP rank's classes."""

@@ -16,7 +16,8 @@ from megaclip.model.parallel import gather_tensor_parallel, padded_vocab_size
 
 State = Dict[str, torch.Tensor]
 EMBEDDING = "text.token_embedding.weight"
-_DIM0 = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc.weight", "mlp.fc.bias", EMBEDDING, "catlip_head.weight", "catlip_head.bias")
+_DIM0 = ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc.weight", "mlp.fc.bias", EMBEDDING, "catlip_head.weight", "catlip_head.bias",
+         "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight", "cross_attn.kv.bias")  # fusion layers
 _DIM1 = ("attn.proj.weight", "mlp.proj.weight")
 
 

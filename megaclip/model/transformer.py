@@ -43,11 +43,13 @@ class Attention(nn.Module):
         self.qkv = linears.column(width, 3 * width, normal_init(std))
         self.proj = linears.row(width, width, normal_init(std * (2 * num_layers) ** -0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
+        """``causal`` overrides the layer's own mask for one call (the fusion layers' captioning pass)."""
         qkv = self.qkv(x)  # full sequence even under sequence parallelism (the column linear gathers it)
         b, s, _ = qkv.shape
         q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).unbind(3)  # each [b, s, heads, head_dim]
-        out = attention(q, k, v, self.dropout if self.training else 0.0, self.causal, self.use_flash_attention)
+        causal = self.causal if causal is None else causal
+        out = attention(q, k, v, self.dropout if self.training else 0.0, causal, self.use_flash_attention)
         return self.proj(out.reshape(b, s, self.local_heads * self.head_dim))
 
 
@@ -88,11 +90,12 @@ def _scaled(branch: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor
 
 class ParallelTransformer(nn.Module):
     """A stack of pre-LN layers; ``cfg`` is a tower config (num_layers, hidden_size, heads, ffn,
-    activation checkpointing settings)."""
+    activation checkpointing settings). ``layer`` builds one layer (the towers' TransformerLayer, or
+    the fusion layers, which take extra inputs: ``forward(x, *context)`` hands ``context`` to every layer)."""
 
-    def __init__(self, cfg, causal: bool, linears: Linears):
+    def __init__(self, cfg, causal: bool, linears: Linears, layer=TransformerLayer):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, causal, linears) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer(cfg, causal, linears) for _ in range(cfg.num_layers))
         self.causal = causal
         self.sequence_parallel = linears.sequence_parallel
         self.tp = linears.tp
@@ -100,16 +103,16 @@ class ParallelTransformer(nn.Module):
         self.checkpoint_layers = cfg.activations_checkpoint_num_layers
         self.drop_path = DropPath(cfg.get("drop_path_rate", 0.0), cfg.num_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *context) -> torch.Tensor:
         scales = self.drop_path.scales(x.shape[0], x.device) if self.training else None
         if not self.sequence_parallel:
-            return self._layers(x, scales)
+            return self._layers(x, scales, context)
         length = x.shape[1]
         # Padding at the end is invisible to earlier positions under causal attention; a bidirectional
         # tower's length must divide by TP as it is (checked by the config).
         pad = (-length) % self.tp if self.causal else 0
         x = scatter_sequence(F.pad(x, (0, 0, 0, pad)))
-        return gather_sequence(self._layers(x, scales), grad_is_partial=False)[:, :length]
+        return gather_sequence(self._layers(x, scales, context), grad_is_partial=False)[:, :length]
 
     def compile_layers(self, backend: str = "inductor") -> None:
         """Compile layer by layer, in place (parameter names stay as they are): one compiled graph
@@ -118,7 +121,7 @@ class ParallelTransformer(nn.Module):
         for layer in self.layers:
             layer.compile(backend=backend)
 
-    def _layers(self, x: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, scales: Optional[torch.Tensor], context: tuple) -> torch.Tensor:
         """Megatron's full checkpointing: ``uniform`` recomputes every chunk of k layers from its input,
         ``block`` recomputes the first k layers one by one and keeps the rest. The recompute sees the
         same drop-path factors (inputs here); preserve_rng_state (on by default, spelled out) replays the
@@ -127,19 +130,19 @@ class ParallelTransformer(nn.Module):
         if self.checkpoint_method == "uniform":
             for start in range(0, len(self.layers), k):
                 chunk = None if scales is None else scales[start:start + k]
-                x = checkpoint(_run_chunk, self.layers[start:start + k], x, chunk, use_reentrant=False,
+                x = checkpoint(_run_chunk, self.layers[start:start + k], x, chunk, context, use_reentrant=False,
                                preserve_rng_state=True)
             return x
         for i, layer in enumerate(self.layers):
             scale = None if scales is None else scales[i]
             if self.checkpoint_method == "block" and i < k:
-                x = checkpoint(layer, x, scale, use_reentrant=False, preserve_rng_state=True)
+                x = checkpoint(layer, x, scale, *context, use_reentrant=False, preserve_rng_state=True)
             else:
-                x = layer(x, scale)
+                x = layer(x, scale, *context)
         return x
 
 
-def _run_chunk(layers: nn.ModuleList, x: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+def _run_chunk(layers: nn.ModuleList, x: torch.Tensor, scales: Optional[torch.Tensor], context: tuple) -> torch.Tensor:
     for i, layer in enumerate(layers):
-        x = layer(x, None if scales is None else scales[i])
+        x = layer(x, None if scales is None else scales[i], *context)
     return x

@@ -31,9 +31,14 @@ class VisionTower(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_tokens(images)[0]
+
+    def forward_with_tokens(self, images: torch.Tensor):
+        """(the projected pooled feature, every token after ln_post [b, tokens, width]): the fusion
+        layers cross-attend to the tokens."""
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [b, patches, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
         x = self.patch_dropout(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = self.ln_post(self.transformer(self.ln_pre(x)))
         pooled = x[:, self.num_class_tokens:].mean(1) if self.global_average_pool else x[:, 0]
-        return pooled @ self.proj
+        return pooled @ self.proj, x

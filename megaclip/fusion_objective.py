@@ -1,0 +1,137 @@
+"""The fusion objective (ALBEF, UForm): the contrastive loss of the two towers, plus image-text
+matching (ITM) on hard negatives and causal captioning, both through the fusion layers.
+
+- ITM: every image is paired with its caption and with one hard-negative caption, every caption with
+  one hard-negative image, drawn from the whole global batch with probability proportional to the
+  softmax of the contrastive logits, never the positive (nor a sample with the very same caption,
+  which would be a positive under another name). Each rank draws for its own rows (its rows of the
+  logits against the DP-gathered features: local-by-global, as CLIP's local loss) by the inverse CDF
+  at uniforms drawn for the whole global batch from torch's global generator, which every rank seeds
+  alike and consumes alike (as the regularisers do): every TP rank draws the same negatives without
+  communicating, checkpoints carry the generator, and any TP/DP layout draws what one process draws.
+  The drawn rows reach the rank that scores them by one all_to_all (megaclip.exchange). The loss is
+  the cross-entropy over (positives, image-side negatives, text-side negatives).
+- Captioning: the text tower is causal already, so a second pass through the few fusion layers with a
+  causal mask predicts each caption's next token from the image and the caption so far. Masked
+  language modelling would need a second text-tower pass on masked captions. The logits stay split
+  over the vocabulary across TP ranks (megatron-core's vocab-parallel cross-entropy, which runs on
+  gloo: it only all-reduces).
+
+Per DP rank both terms are means over its own pairs / tokens scaled so that the DP mean of the ranks'
+losses is the global mean; with the DP gradient average that gives exactly the global gradient
+(negatives scored on another rank send their gradient home through the all_to_all's backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megaclip.exchange import fetch_rows
+from megaclip.losses import gather_features
+from megaclip.model.fusion import caption_logits
+from megaclip.objectives import Objective
+
+
+def draw_negatives(logits: torch.Tensor, own: torch.Tensor, caption_id: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One candidate per row of ``logits`` [rows, N], drawn with probability ∝ softmax over the
+    candidates whose caption differs from the row's own sample's (``own``: each row's index among the N;
+    ``caption_id``: equal for equal captions), or over all the others when every one shares it. By the
+    inverse CDF at ``uniforms`` [rows] in [0, 1): a row's draw depends on its own number only, so any
+    split of the rows over ranks draws what one process draws. Excluded candidates have zero
+    probability and so a flat CDF, which the search never stops on."""
+    same = caption_id[own].unsqueeze(1) == caption_id.unsqueeze(0)
+    itself = own.unsqueeze(1) == torch.arange(len(caption_id), device=own.device).unsqueeze(0)
+    excluded = torch.where(same.all(dim=1, keepdim=True), itself, same)
+    cdf = logits.float().masked_fill(excluded, float("-inf")).softmax(dim=1).cumsum(dim=1)
+    drawn = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return drawn.clamp(max=len(caption_id) - 1)  # u * total rounding up to the total
+
+
+def sample_hard_negatives(image_logits, text_logits, own, caption_id, uniforms):
+    """(a caption for each of this rank's images, an image for each of its captions), global indices:
+    ``image_logits`` [rows, N] this rank's images against every caption, ``text_logits`` its captions
+    against every image, ``uniforms`` [2, rows]."""
+    return (draw_negatives(image_logits, own, caption_id, uniforms[0]),
+            draw_negatives(text_logits, own, caption_id, uniforms[1]))
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``targets`` under logits split over the vocabulary."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return vocab_parallel_cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+class FusionObjective(Objective):
+    """``contrastive``: the towers' objective (CLIP's or SigLIP's); model.fusion weighs the other terms.
+    ``sample_negatives`` is an attribute so that tests can fix the draw."""
+
+    def __init__(self, model_cfg, dp_group, contrastive: Objective):
+        self.contrastive = contrastive
+        self.dp_group = dp_group
+        self.itm_weight = model_cfg.fusion.itm_weight
+        self.lm_weight = model_cfg.fusion.lm_weight
+        self.vocab_size = model_cfg.text.vocab_size
+        self.sample_negatives = sample_hard_negatives
+
+    def features(self, model, images, tokens):
+        image_features, image_tokens = model.visual.forward_with_tokens(images)
+        text_features, text_states = model.text.forward_with_states(tokens)
+        return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), image_tokens, text_states, tokens
+
+    def loss(self, model, features):
+        image_features, text_features, image_tokens, text_states, tokens = features
+        total, terms = self.contrastive.loss(model, (image_features, text_features))
+        if self.itm_weight:
+            terms["itm"] = self.matching_loss(model, image_features, text_features, image_tokens, text_states, tokens)
+            total = total + self.itm_weight * terms["itm"]
+        if self.lm_weight:
+            terms["lm"] = self.captioning_loss(model, image_tokens, text_states, tokens)
+            total = total + self.lm_weight * terms["lm"]
+        return total, terms
+
+    def _dp(self):
+        if self.dp_group is None or not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
+
+    def matching_loss(self, model, image_features, text_features, image_tokens, text_states, tokens):
+        rank, size = self._dp()
+        batch = len(tokens)
+        gather = (lambda x: gather_features(x.detach(), self.dp_group, with_grad=False)) if size > 1 else torch.Tensor.detach
+        with torch.no_grad():
+            all_tokens = gather(tokens)
+            _, caption_id = torch.unique(all_tokens, dim=0, return_inverse=True)
+            scale = model.logit_scale.exp().float()
+            image_features, text_features = image_features.float(), text_features.float()
+            # drawn for the whole global batch (the generator stays alike on every rank); this rank's rows used
+            own = torch.arange(rank * batch, (rank + 1) * batch, device=tokens.device)
+            uniforms = torch.rand(2, size * batch)[:, rank * batch:(rank + 1) * batch].to(tokens.device)
+            text_for_image, image_for_text = self.sample_negatives(
+                scale * image_features @ gather(text_features).T, scale * text_features @ gather(image_features).T,
+                own, caption_id, uniforms)
+        negative_states = fetch_rows(text_states, gather(text_for_image).view(size, batch), self.dp_group)
+        negative_images = fetch_rows(image_tokens, gather(image_for_text).view(size, batch), self.dp_group)
+        match = model.fusion.match_logits(torch.cat([image_tokens, image_tokens, negative_images]),
+                                          torch.cat([text_states, negative_states, text_states]),
+                                          torch.cat([tokens, all_tokens[text_for_image], tokens]))
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match.device)
+        return F.cross_entropy(match.float(), labels)
+
+    def captioning_loss(self, model, image_tokens, text_states, tokens):
+        """Next-token cross-entropy over the caption tokens up to its end-of-text token, through the
+        fusion layers under a causal mask; the mean over the global batch's tokens (see the module)."""
+        rank, size = self._dp()
+        fused = model.fusion(image_tokens, text_states, causal=True)
+        logits = caption_logits(fused[:, :-1], model.text.token_embedding.weight, self.vocab_size)
+        end = (tokens == model.fusion.eot_id).int().argmax(dim=1, keepdim=True)
+        counted = torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < end  # targets up to end
+        nll = torch.where(counted, token_nll(logits, tokens[:, 1:]), 0.0)
+        count = counted.sum().float()
+        if size > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return nll.sum() * size / count.clamp(min=1)
