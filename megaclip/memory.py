@@ -12,25 +12,27 @@ padded to a multiple of 128·t) are split over t; everything else is replicated:
     vision   conv1 3·p²·h + class k·h + positions (k + patches)·h + ln_pre, ln_post 4h + proj h·o
     text     tokens V_pad·h/t + positions ctx·h + ln_final 2h + projection h·o
     the objective's scalars: logit_scale 1 (clip), + logit_bias 1 (siglip)
+    CatLIP   no text tower; its head, a column linear over its C classes: (o·C + C)/t
 With n_local elements on a rank and weights of w bytes (2 under bf16 O2, where the objective's scalars
 stay fp32; else 4):
     params      n_local·w
-    grads       n_local·w      flat gradient buffers in the model dtype (plain fused_adam sets them
-                               to None after each step, so its peak may be lower by up to this)
+    grads       4·Σ n_i        the fp32 gradient buffers of the buckets i (megaclip.optim.buckets: one
+                               kind of parameter each, at most model.optim.bucket_size_mb, taken backwards);
+                               distributed_fused_adam pads each n_i to a multiple of d. bf16 gradients
+                               are added into them as backward makes them, one tensor at a time
     optimizer   fused_adam: 8·n_local (torch AdamW's two moments, fp32); with O2 12·n_local (fp32
                 master weights + two moments); distributed_fused_adam: 12·Σ ceil(n_i / d) over its
-                buckets i, one per (dtype, weight decay, tensor-parallel; only megatron-core's layers,
-                used at t > 1, mark parameters tensor-parallel), in the order of the parameters
+                buckets (kinds: dtype, weight decay, tensor-parallel; only megatron-core's layers,
+                used at t > 1, mark parameters tensor-parallel)
     step        what finishing the gradients and stepping allocates, after the activations are freed:
-                fused_adam: 4·n_local if d > 1 (the DP average's flat fp32 copy), else 4·(largest
-                tensor) (its square, for the norm); with O2, or distributed_fused_adam at d = 1:
-                max_i 4·Σ_{j<=i} n_j + 4·n_i (each bucket's gradient in fp32 stays as its masters'
-                gradient; the norm squares one bucket); distributed_fused_adam: max_i 4·Σ_{j<=i} s_j
-                + 4·d·s_i + 4·s_i with s_i = ceil(n_i / d) (bucket i in fp32, reduce-scattered into an
-                fp32 shard that stays). fp32 weights' gradients need no fp32 copy: drop the 4·n and 4·d·s.
+                next to nothing: the DP reductions run in place in the fp32 buffers (a reduce-scatter
+                and the all-gather after the update read and write this rank's shard of the same
+                buffer, as NCCL allows) and the norm squares no copy.
 
 Activations of one micro batch, attention by flash/SDPA kernels (no s×s scores kept), counted as
-PyTorch keeps and frees them. Bytes per element: c = 2 under bf16, else 4; r, the residual stream and
+PyTorch keeps and frees them. With patch dropout (model.vision.drop_patch_rate) the vision tower
+trains on its class tokens + the kept patches (megaclip.model.regularisers.kept_patch_count); the
+gather that picks them keeps the whole sequence it picks from, s·b·h·r, and the indices, 8 bytes each. Bytes per element: c = 2 under bf16, else 4; r, the residual stream and
 LayerNorm inputs, = 4 under bf16 autocast (no O2: CUDA autocast runs LayerNorm in fp32, and fp32 +
 bf16 adds to fp32), else c; m = 4 under autocast with megatron-core's linears (t > 1 without sequence
 parallelism: their autograd functions save the fp32 input that autocast casts only inside the
@@ -62,6 +64,11 @@ adds the feature gradients 2·b·o·4, one block's logits and their gradient ter
 round the ring (min(d - 1, 2)) the message [block, its gradient] sent and the one received, 4·b·o·4.
 (An estimate from the loss's code, not matched to live tensors as the rest is: it is a few b×o and b×b
 tensors, far below a tower's activations.)
+CatLIP's loss keeps the multi-hot targets 4·b·C and the rank's logits in fp32 4·b·C/t (computed in the
+model dtype and cast, the cast kept); its backward adds their gradient twice over, 8·b·C/t; then the
+head's backward holds, with those freed, the logits' gradient b·C·c/t and the head's weight and bias
+gradients (o·C + C)·c/t (+4 bytes per weight element under autocast, the fp32 cast), counted here as
+the loss's backward where they are more.
 Autocast also keeps a bf16 copy of every matmul weight and bias: 2 bytes per element.
 The text tower's backward runs first (computed later, its autograd nodes have higher sequence
 numbers), with the vision tower still whole, so
@@ -83,11 +90,14 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from megaclip.data.synset_vocab import planned_class_count
 from megaclip.model.parallel import padded_vocab_size
+from megaclip.model.regularisers import kept_patch_count
 from megaclip.model.state import partition_dim
 from megaclip.objectives import requirements
 from megaclip.precision import FP32_SCALARS
 from megaclip.optim.adamw import no_weight_decay
+from megaclip.optim.buckets import bucket_layout
 
 GiB = 2 ** 30
 OPTIMIZERS = ("fused_adam", "distributed_fused_adam")
@@ -198,12 +208,18 @@ def parameter_shapes(model_cfg, tp: int) -> Dict[str, Tuple[int, ...]]:
         **_layer_norm("visual.ln_pre", v.hidden_size),
         **_transformer_shapes("visual.transformer", v, tp),
         **_layer_norm("visual.ln_post", v.hidden_size),
-        "text.positional_embedding": (t.encoder_seq_length, t.hidden_size),
-        "text.text_projection": (t.hidden_size, model_cfg.output_dim),
-        "text.token_embedding.weight": (padded_vocab_size(t.vocab_size, tp) // tp, t.hidden_size),
-        **_transformer_shapes("text.transformer", t, tp),
-        **_layer_norm("text.ln_final", t.hidden_size),
     })
+    if "text" in requirements(model_cfg).towers:
+        shapes.update({
+            "text.positional_embedding": (t.encoder_seq_length, t.hidden_size),
+            "text.text_projection": (t.hidden_size, model_cfg.output_dim),
+            "text.token_embedding.weight": (padded_vocab_size(t.vocab_size, tp) // tp, t.hidden_size),
+            **_transformer_shapes("text.transformer", t, tp),
+            **_layer_norm("text.ln_final", t.hidden_size),
+        })
+    if model_cfg.loss == "catlip":
+        classes = planned_class_count(model_cfg) // tp
+        shapes.update({"catlip_head.weight": (classes, model_cfg.output_dim), "catlip_head.bias": (classes,)})
     return shapes
 
 
@@ -232,17 +248,19 @@ def weight_bytes(name: str, layout: Layout) -> int:
     return 2 if layout.bf16_weights and name not in FP32_SCALARS else 4
 
 
-def parameter_buckets(model_cfg, layout: Layout) -> Dict[Tuple[int, bool, bool], int]:
-    """Elements per (bytes per element, weight decay, tensor-parallel), in the order distributed_fused_adam
-    makes its buckets: that of the model's parameters. Only megatron-core's layers mark parameters
-    tensor-parallel; TP=1's plain nn.Linear and nn.Embedding do not."""
+def parameter_buckets(model_cfg, layout: Layout) -> List[int]:
+    """Elements per gradient bucket, as megaclip.optim.buckets lays them out: one kind (bytes per
+    element, weight decay, tensor-parallel) per bucket, at most model.optim.bucket_size_mb of fp32
+    gradient, the parameters taken backwards. Only megatron-core's layers mark parameters tensor-
+    parallel; TP=1's plain nn.Linear and nn.Embedding do not."""
     marked = _megatron_layers(model_cfg, layout.tp)
-    buckets: Dict[Tuple[int, bool, bool], int] = {}
+    kinds_and_sizes = []
     for name, shape in parameter_shapes(model_cfg, layout.tp).items():
         decay = not no_weight_decay(name, torch.empty(shape, device="meta"))
-        key = (weight_bytes(name, layout), decay, marked and partition_dim(name) is not None)
-        buckets[key] = buckets.get(key, 0) + math.prod(shape)
-    return buckets
+        kinds_and_sizes.append(((weight_bytes(name, layout), decay, marked and partition_dim(name) is not None),
+                                math.prod(shape)))
+    cap = max(1, int(model_cfg.optim.bucket_size_mb * 2 ** 20 / 4))
+    return [sum(kinds_and_sizes[i][1] for i in bucket) for bucket in bucket_layout(kinds_and_sizes, cap)]
 
 
 def _megatron_layers(model_cfg, tp: int) -> bool:
@@ -258,18 +276,17 @@ def optimizer_state_bytes(layout: Layout, bucket_elements: Iterable[int]) -> int
     return (12 if layout.bf16_weights else 8) * sum(elements)
 
 
-def optimizer_step_bytes(model_cfg, layout: Layout, bucket_elements: Iterable[int]) -> int:
+def gradient_bytes(layout: Layout, bucket_elements: Iterable[int]) -> int:
+    """The fp32 gradient buffers, each bucket padded to a multiple of the DP size when sharded."""
+    shards = layout.dp if layout.optimizer == "distributed_fused_adam" else 1
+    return 4 * sum(math.ceil(n / shards) * shards for n in bucket_elements)
+
+
+def optimizer_step_bytes(bucket_elements: Iterable[int]) -> int:
     """What reducing the gradients and stepping allocates on top of the state, once the activations
-    are freed; ``bucket_elements`` in the optimizer's bucket order (see the module docstring)."""
-    elements = list(bucket_elements)
-    copy = 4 if layout.bf16_weights else 0  # bf16 gradients .float() into a copy; fp32 ones are their own
-    if layout.optimizer == "distributed_fused_adam" and layout.dp > 1:
-        shards = [math.ceil(n / layout.dp) for n in elements]
-        return max(4 * sum(shards[:i + 1]) + copy * s * layout.dp + 4 * s for i, s in enumerate(shards))
-    if layout.optimizer == "distributed_fused_adam" or layout.bf16_weights:
-        return max(copy * sum(elements[:i + 1]) + 4 * n for i, n in enumerate(elements))
-    largest = max(math.prod(shape) for shape in parameter_shapes(model_cfg, layout.tp).values())
-    return max(4 * sum(elements) if layout.dp > 1 else 0, 4 * largest)
+    are freed: the collectives run in place in the buffers, the norm squares no copy, so only one fp32
+    norm per bucket and a few scalars."""
+    return 4 * len(list(bucket_elements)) + 64
 
 
 # ---------------------------------------------------------------- activations
@@ -318,20 +335,33 @@ def _layer(tower, tokens: int, layout: Layout, e: _Bytes) -> Tuple[int, int, int
     return layer_input, outside + inside, working
 
 
+def _trained_sequence(tower, vision: bool, multiple: int = 1) -> int:
+    """Tokens per sample in training: the vision tower's class tokens + the patches that patch dropout
+    keeps (a count that divides by ``multiple``, tp under sequence parallelism), else ``_sequence``'s."""
+    rate = tower.get("drop_patch_rate", 0.0) if vision else 0.0
+    if not rate:
+        return _sequence(tower, vision, multiple)
+    k = tower.class_token_length
+    return k + kept_patch_count(_sequence(tower, vision) - k, rate, k, multiple)
+
+
 def _tower(tower, output_dim: int, checkpointing: Checkpointing, layout: Layout, e: _Bytes,
            vision: bool) -> Tuple[int, int]:
     """(bytes kept at the end of the forward, bytes alive at the backward's peak in the layers, when the
     head (final LN, pooling, projection) is freed)."""
     b, h = layout.micro_batch, tower.hidden_size
     padding = layout.tp if layout.sequence_parallel else 1
-    layer_input, full, working = _layer(tower, _sequence(tower, vision, padding) * b, layout, e)
+    sequence = _trained_sequence(tower, vision, padding)
+    layer_input, full, working = _layer(tower, sequence * b, layout, e)
     inputs, fulls = checkpointing.kept(tower.num_layers)
     layers = inputs * layer_input + fulls * full
     backward = max(i * layer_input + n * full for i, n in checkpointing.in_backward(tower.num_layers)) + working
-    tokens = _sequence(tower, vision) * b  # before and after the layers: unpadded and whole
+    tokens = (sequence if vision else _sequence(tower, vision)) * b  # before and after the layers: unpadded and whole
     pooled = b * h * e.compute
     if vision:
         start = b * tower.num_channels * tower.img_h * tower.img_w * e.compute + tokens * h * e.residual + 8 * tokens
+        if sequence < _sequence(tower, vision):  # patch dropout's gather keeps what it picks from, and the indices
+            start += _sequence(tower, vision) * b * h * e.residual + 8 * b * (sequence - tower.class_token_length)
         # x[:, 0] is a view: the matmul saving it keeps all of ln_post's output, unless autocast saves
         # a bf16 copy instead or global average pooling makes a new tensor.
         if not (layout.autocast or tower.global_average_pool):
@@ -343,8 +373,14 @@ def _tower(tower, output_dim: int, checkpointing: Checkpointing, layout: Layout,
 
 
 def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
-    """(bytes the contrastive loss keeps, bytes its backward adds), fp32."""
+    """(bytes the loss keeps, bytes its backward adds), fp32."""
     b, o = layout.micro_batch, model_cfg.output_dim
+    if model_cfg.loss == "catlip":
+        classes, local = planned_class_count(model_cfg), planned_class_count(model_cfg) // layout.tp
+        kept = 4 * b * classes + 4 * b * local
+        c = _activation_bytes_per_element(model_cfg, layout).compute
+        head_backward = b * local * c + local * o * (c + (4 if layout.autocast else 0)) + local * c
+        return kept, max(8 * b * local, head_backward - kept)
     if model_cfg.loss == "siglip":
         return 2 * b * o * 4, 2 * b * o * 4 + 3 * b * b * 4 + min(layout.dp - 1, 2) * 4 * b * o * 4
     samples = layout.dp * layout.micro_batch
@@ -355,9 +391,20 @@ def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
 def activation_bytes(model_cfg, layout: Layout) -> Activations:
     e = _activation_bytes_per_element(model_cfg, layout)
     vision = _tower(model_cfg.vision, model_cfg.output_dim, layout.vision_checkpointing, layout, e, vision=True)
-    text = _tower(model_cfg.text, model_cfg.output_dim, layout.text_checkpointing, layout, e, vision=False)
+    text = _text_tower(model_cfg, layout.text_checkpointing, layout, e)
     loss = _loss(model_cfg, layout)
     return Activations(vision[0], text[0], loss[0], _peak(_autocast_copies(model_cfg, layout), vision, text, loss))
+
+
+def _towers(model_cfg) -> Tuple[str, ...]:
+    """The towers the objective builds, by config section."""
+    return ("vision", "text") if "text" in requirements(model_cfg).towers else ("vision",)
+
+
+def _text_tower(model_cfg, checkpointing: Checkpointing, layout: Layout, e: _Bytes) -> Tuple[int, int]:
+    if "text" not in _towers(model_cfg):
+        return 0, 0
+    return _tower(model_cfg.text, model_cfg.output_dim, checkpointing, layout, e, vision=False)
 
 
 def _peak(copies: int, vision: Tuple[int, int], text: Tuple[int, int], loss: Tuple[int, int]) -> int:
@@ -375,7 +422,7 @@ def _autocast_copies(model_cfg, layout: Layout) -> int:
 
 def _is_matmul_operand(name: str) -> bool:
     """Parameters autocast copies to bf16: linear, conv and projection weights and biases."""
-    return any(part in name for part in (".attn.", ".mlp.", "conv1", "visual.proj", "text_projection"))
+    return any(part in name for part in (".attn.", ".mlp.", "conv1", "visual.proj", "text_projection", "catlip_head"))
 
 
 # ---------------------------------------------------------------- plans
@@ -383,12 +430,14 @@ def _is_matmul_operand(name: str) -> bool:
 
 def layout_problem(model_cfg, layout: Layout) -> Optional[str]:
     """Why ``layout`` cannot run this model (a few words), or None."""
-    for name in ("vision", "text"):
+    for name in _towers(model_cfg):
         tower = model_cfg[name]
         if tower.num_attention_heads % layout.tp:
             return f"{tower.num_attention_heads} {name} heads"
         if tower.ffn_hidden_size % layout.tp:
             return f"{name} ffn {tower.ffn_hidden_size}"
+    if model_cfg.loss == "catlip" and planned_class_count(model_cfg) % layout.tp:
+        return f"{planned_class_count(model_cfg)} CatLIP classes"
     if layout.sequence_parallel:
         if layout.tp == 1:
             return "sequence parallel needs tp > 1"
@@ -402,12 +451,12 @@ def plan_memory(cfg, layout: Layout, bucket_elements: Optional[Iterable[int]] = 
     """Per-GPU bytes of a run of config ``cfg`` laid out as ``layout``. ``bucket_elements``: the real
     optimizer buckets' sizes, when known; by default megaclip's, counted from the model's shape."""
     m = cfg.model
-    buckets = list(parameter_buckets(m, layout).values() if bucket_elements is None else bucket_elements)
+    buckets = list(parameter_buckets(m, layout) if bucket_elements is None else bucket_elements)
     shapes = parameter_shapes(m, layout.tp)
     weights = sum(math.prod(shape) * weight_bytes(name, layout) for name, shape in shapes.items())
-    return MemoryPlan(params=weights, grads=weights, optimizer_state=optimizer_state_bytes(layout, buckets),
+    return MemoryPlan(params=weights, grads=gradient_bytes(layout, buckets), optimizer_state=optimizer_state_bytes(layout, buckets),
                       activations=activation_bytes(m, layout).peak,
-                      optimizer_step=optimizer_step_bytes(m, layout, buckets))
+                      optimizer_step=optimizer_step_bytes(buckets))
 
 
 @dataclass(frozen=True)
@@ -427,15 +476,15 @@ def least_recompute_fit(cfg, layout: Layout, budget: int) -> Fit:
     static = plan_memory(cfg, layout.replace(vision_checkpointing=Checkpointing(), text_checkpointing=Checkpointing()))
     e = _activation_bytes_per_element(m, layout)
     loss, copies = _loss(m, layout), _autocast_copies(m, layout)
-    towers = {}
-    for name in ("vision", "text"):
+    towers = {"text": [(Checkpointing(), 0, (0, 0))]}  # CatLIP builds no text tower
+    for name in _towers(m):
         tower, layers = m[name], m[name].num_layers
         options = ([(Checkpointing(), 0)] + [(Checkpointing("block", k), k) for k in range(1, layers)]
                    + [(Checkpointing("uniform", k), layers) for k in range(1, layers + 1)])
-        flops = _layer_flops(tower, layout.micro_batch, name == "vision")
+        flops = _layer_flops(tower, layout, name == "vision")
         towers[name] = [(c, recomputed * flops, _tower(tower, m.output_dim, c, layout, e, name == "vision"))
                         for c, recomputed in options]
-    total_flops = sum(_layer_flops(m[n], layout.micro_batch, n == "vision") * m[n].num_layers for n in towers)
+    total_flops = sum(_layer_flops(m[n], layout, n == "vision") * m[n].num_layers for n in _towers(m))
 
     def attempt(vision_option, text_option) -> Fit:
         (vision_ckpt, vision_flops, vision), (text_ckpt, text_flops, text) = vision_option, text_option
@@ -456,7 +505,8 @@ def least_recompute_fit(cfg, layout: Layout, budget: int) -> Fit:
     return best or leanest
 
 
-def _layer_flops(tower, micro_batch: int, vision: bool) -> int:
-    """Forward FLOPs of one layer for one micro batch: the four linears and the attention products."""
-    h, f, seq = tower.hidden_size, tower.ffn_hidden_size, _sequence(tower, vision)
-    return micro_batch * seq * (8 * h * h + 4 * h * f + 4 * seq * h)
+def _layer_flops(tower, layout: Layout, vision: bool) -> int:
+    """Forward FLOPs of one layer for one micro batch in training: the four linears and the attention products."""
+    h, f = tower.hidden_size, tower.ffn_hidden_size
+    seq = _trained_sequence(tower, vision, layout.tp if layout.sequence_parallel else 1)
+    return layout.micro_batch * seq * (8 * h * h + 4 * h * f + 4 * seq * h)

@@ -1,15 +1,16 @@
-"""Plain AdamW and the gradient plumbing around it: weight-decay groups, averaging gradients over the
-data-parallel group, and clipping their norm over tensor-parallel ranks."""
+"""Plain AdamW and what both optimizers share: weight-decay groups, the gradient buckets, the
+non-finite skip on the device, and Adam's state layout."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megaclip.distributed import all_reduce_coalesced
-from megaclip.model.parallel import allreduce_sequence_parallel_grads, is_tensor_parallel
+from megaclip.model.parallel import is_tensor_parallel
+from megaclip.optim.buckets import GradientBuckets
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -28,22 +29,59 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class AdamW(torch.optim.AdamW):
-    """torch's AdamW (fused kernel) on the model's own fp32 parameters, with the DP gradient average
-    and TP-aware clipping in front: the plain ``fused_adam`` path."""
+def bucket_kind(name: str, param: torch.Tensor) -> tuple:
+    """What the parameters of one gradient bucket share: the optimizer treats a bucket as one tensor."""
+    return param.dtype, not no_weight_decay(name, param), is_tensor_parallel(param)
+
+
+def gradient_buckets(model: nn.Module, optim_cfg, dp_group, tp_group, shard: bool) -> GradientBuckets:
+    return GradientBuckets([(n, p) for n, p in model.named_parameters() if p.requires_grad], bucket_kind,
+                           dp_group=dp_group, tp_group=tp_group, shard=shard,
+                           bucket_size_mb=optim_cfg.bucket_size_mb, overlap=optim_cfg.overlap_grad_sync)
+
+
+class SkipOnDevice:
+    """``step(skip=flag)``: torch's fused AdamW takes a device flag as ``found_inf`` (as AMP's
+    GradScaler passes it) and, when it is 1, leaves weights, moments and step count as they were;
+    decided on the device, so skipping a non-finite step needs no host sync."""
+
+    def step(self, closure=None, skip: Optional[torch.Tensor] = None):
+        self.found_inf = skip
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = None
+
+    def no_sync(self):
+        """A context for the backward passes of every micro step but the last: their gradients only
+        accumulate, nothing is reduced over DP."""
+        return self.gradients.no_sync()
+
+
+class AdamW(SkipOnDevice, torch.optim.AdamW):
+    """torch's AdamW (fused kernel) on the model's own fp32 parameters, whose gradients live in flat
+    buckets averaged over DP while backward runs, with TP-aware clipping: the plain ``fused_adam`` path."""
 
     def __init__(self, model: nn.Module, optim_cfg, dp_group, tp_group):
         self.dp_group, self.tp_group = dp_group, tp_group
         super().__init__(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
                          betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
+        self.gradients = gradient_buckets(model, optim_cfg, dp_group, tp_group, shard=False)
 
     state_is_sharded = False  # every DP rank holds the same state
 
     def finish_gradients(self, max_norm: float) -> torch.Tensor:
-        params = [p for group in self.param_groups for p in group["params"]]
-        allreduce_sequence_parallel_grads(params, self.tp_group)
-        average_gradients(params, self.dp_group)
-        return clip_grad_norm(params, max_norm, self.tp_group)
+        """Wait for the DP average, clip by the global norm (on the device), return the norm."""
+        self.gradients.reduce()
+        norm = self.gradients.norm()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for group in self.param_groups for p in group["params"]],
+                                                 max_norm, norm)
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Zero the gradient buffers in place: the parameters' .grad must stay views into them."""
+        self.gradients.zero()
 
     def state_slices(self, model: nn.Module) -> dict:
         """The state by parameter name, each entry the element range it covers (here: all of it)."""
@@ -64,29 +102,9 @@ class AdamW(torch.optim.AdamW):
 
 
 def average_gradients(params: Iterable[torch.Tensor], group) -> None:
-    """Average gradients over the DP group with one all-reduce."""
+    """Average gradients over the DP group with one all-reduce (for gradients outside the optimizer's buckets)."""
     if group is not None and dist.get_world_size(group) > 1:
         all_reduce_coalesced([p.grad for p in params if p.grad is not None], group, divide_by=dist.get_world_size(group))
-
-
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group) -> torch.Tensor:
-    """Clip to ``max_norm`` by the norm of the full model's gradient: TP shards summed over the TP
-    group, TP-replicated tensors (identical on every TP rank) counted once."""
-    params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device
-    sharded = _squared_sum([p.grad for p in params if is_tensor_parallel(p)], device)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    total = (sharded + _squared_sum([p.grad for p in params if not is_tensor_parallel(p)], device)).sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
-def _squared_sum(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), device=device)
-    return torch.stack([t.float().pow(2).sum() for t in tensors]).sum()
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
