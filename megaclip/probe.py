@@ -8,8 +8,10 @@ order (the features themselves differ by their rounding only).
 
 The probe is multinomial logistic regression penalised as scikit-learn's LogisticRegression is by
 default (C = 1: summed cross-entropy + ½‖W‖², the intercept free), fitted full-batch by torch's L-BFGS
-in float64 from zero. The problem is strictly convex, so its minimum is unique and the fit is
-deterministic. Written with torch because scikit-learn is not a dependency and the fit is a few lines.
+in float64 from zero. The objective is strictly convex but for a common shift of the intercepts, which
+changes no prediction and which L-BFGS never takes from zero (every gradient's intercept part sums to
+zero), so the fit is unique and deterministic. Written with torch because scikit-learn is not a
+dependency and the fit is a few lines.
 """
 from __future__ import annotations
 

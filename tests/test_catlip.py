@@ -7,16 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaclip import distributed
+from megaclip import distributed, precision
 from megaclip.catlip_loss import catlip_loss
 from megaclip.checkpoint.model import load_model_for_inference
 from megaclip.config import ConfigError, validate
 from megaclip.data.samples import DataError
 from megaclip.data.synset_vocab import run_vocabulary
 from megaclip.data.synthetic import SHAPES, render
-from megaclip.optim import average_gradients
+from megaclip.memory import Layout, layout_problem, parameter_shapes, plan_memory
+from megaclip.model import CLIPModel
+from megaclip.optim import average_gradients, build_optimizer
 from tests.distributed import run_distributed
-from tests.helpers import small_config
+from tests.helpers import fixed_batch, small_config
+from tests.test_memory import MEDIUM, LiveBytes, optimizer_state_bytes, tensor_bytes
 from tests.test_resume import ENV, ROOT, command, losses
 from tests.test_tools import load_tool
 
@@ -144,3 +147,66 @@ def metric(stdout, name):
 
 def top1(stdout):
     return metric(stdout, "zeroshot_synthetic_colour_top1")
+
+
+# ---------------------------------------------------------------- the memory planner
+
+PLANNER_CLASSES = 100_000  # enough that the loss and the head's gradients weigh in the activation peak
+
+
+def write_vocabulary(path, classes):
+    path.write_text("synset\tname\tcount\n" + "".join(f"n{i:08d}\tc{i}.n.01\t1\n" for i in range(classes)))
+    return f"model.catlip.vocabulary={path}"
+
+
+def catlip_parameters_and_bytes(vocabulary, overrides):
+    """On this rank: (parameter shapes in order, the planner's; (params, optimizer state) bytes after a
+    step, the planner's (gradients are planned as the parameters, whatever the objective: tests/test_memory.py); the live activation peak of a forward and backward, the planner's)."""
+    tp = distributed.tp_size() if torch.distributed.is_initialized() else 1
+    dp = distributed.dp_size() if torch.distributed.is_initialized() else 1
+    groups = (distributed.dp_group(), distributed.tp_group()) if torch.distributed.is_initialized() else (None, None)
+    cfg = small_config(*MEDIUM, "model.loss=catlip", vocabulary, f"tp={tp}", *overrides)
+    layout = Layout.from_config(cfg, dp).replace(micro_batch=2)
+    model = precision.prepare_model(CLIPModel(cfg.model, PLANNER_CLASSES), cfg)
+    shapes = ([(n, tuple(p.shape)) for n, p in model.named_parameters()], list(parameter_shapes(cfg.model, tp).items()))
+    images, _ = fixed_batch(cfg, 2)
+    targets = (torch.rand(2, PLANNER_CLASSES, generator=torch.Generator().manual_seed(0)) < 0.01).float()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # as the flat gradient buffers are, before the forward
+    live = LiveBytes([t for p in model.parameters() for t in (p, p.grad)])
+    with live:  # clones: the model's batch is its own, as a freshly copied device batch would be
+        catlip_loss(model.classify(images.clone()), targets.clone(), groups[1], groups[0]).backward()
+    model.zero_grad(set_to_none=True)
+    optimizer = build_optimizer(model, cfg.model, *groups)
+    catlip_loss(model.classify(images), targets, groups[1], groups[0]).backward()
+    optimizer.finish_gradients(1.0)
+    optimizer.step()
+    plan = plan_memory(cfg, layout)
+    held = (tensor_bytes(model.parameters()), optimizer_state_bytes(optimizer, model))
+    return shapes, (held, (plan.params, plan.optimizer_state)), (live.peak, plan.activations)
+
+
+@pytest.mark.parametrize("world,tp,overrides", [
+    (1, 1, []), (1, 1, ["precision=bf16", "model.megatron_amp_O2=true"]),
+    (2, 2, ["precision=bf16", "model.megatron_amp_O2=true"]), (2, 1, []),
+], ids=["fp32", "bf16-O2", "tp2-O2", "dp2"])
+def test_planner_counts_the_head_and_no_text_tower(tmp_path, world, tp, overrides):
+    """The planner's parameter shapes, bytes held after a step (plain fused_adam: the distributed
+    optimizer's buckets come from the same shapes, as tests/test_memory.py checks) and activation peak."""
+    vocabulary = write_vocabulary(tmp_path / "synsets.tsv", PLANNER_CLASSES)
+    results = ([catlip_parameters_and_bytes(vocabulary, overrides)] if world == 1 else
+               run_distributed(catlip_parameters_and_bytes, world, tp, vocabulary, overrides))
+    for (shapes, planned_shapes), (held, planned_held), (peak, planned_peak) in results:
+        assert shapes == planned_shapes and shapes[-1] == ("catlip_head.bias", (PLANNER_CLASSES // tp,))
+        assert not any(name.startswith("text.") for name, _ in shapes)
+        assert held == planned_held
+        # the activation terms as the planner's other tests (tests/test_memory.py) argue them: fp32 exact
+        # but for a few small tensors; O2 on CPU keeps LayerNorm statistics in bf16, CUDA and the planner fp32
+        assert planned_peak == pytest.approx(peak, rel=3e-3)
+
+
+def test_planner_knows_the_synthetic_classes_and_refuses_an_indivisible_head(tmp_path):
+    cfg = small_config("model.loss=catlip")
+    assert parameter_shapes(cfg.model, 2)["catlip_head.weight"] == (10, 16)  # the synthetic set's 20 classes
+    assert layout_problem(small_config("model.loss=catlip", write_vocabulary(tmp_path / "v.tsv", 3)).model,
+                          Layout(tp=2)) == "3 CatLIP classes"

@@ -15,6 +15,7 @@ from megaclip.model.regularisers import DropPath, PatchDropout, kept_patch_count
 from megaclip.optim import build_optimizer
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
+from tests.test_memory import activation_peak, checkpoint, least_activation_peak
 from tests.test_resume import ENV, ROOT, command, losses
 
 # 16 patches of a 32x32 image and 2 class tokens: 18 tokens, and 2 + 8 kept at rate 0.5, both splittable
@@ -213,3 +214,19 @@ def test_resume_continues_the_same_draws(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the same layout runs the same kernels on bitwise the same state and batches (as in test_resume)
     assert losses(resumed) == {step: loss for step, loss in reference.items() if step > 4}
+
+
+@pytest.mark.parametrize("overrides", [["model.vision.drop_patch_rate=0.5"],
+                                       ["model.vision.drop_patch_rate=0.75"] + checkpoint("vision", "uniform", 2)],
+                         ids=["rate-0.5", "rate-0.75-checkpointed"])
+def test_planner_counts_the_kept_patches(overrides):
+    measured, planned = activation_peak(overrides)
+    # as tests/test_memory.py argues for the planner's activation terms: fp32, all but a few small tensors
+    assert planned == pytest.approx(measured, rel=3e-3)
+    assert planned < activation_peak([])[1]  # fewer tokens
+
+
+def test_planner_counts_the_kept_patches_under_sequence_parallelism():
+    overrides = ["model.vision.drop_patch_rate=0.5", "model.sequence_parallel=true"]
+    for measured, planned in run_distributed(least_activation_peak, 2, 2, overrides):
+        assert planned == pytest.approx(measured, rel=3e-3)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from megaclip.data.samples import DataError, shard_captions
 from megaclip.data.synsets import Synset, lexicon
+from megaclip.data.synthetic import COLOURS, POSITIONS, SHAPES, caption
 
 HEADER = ("synset", "name", "count")
 
@@ -41,6 +43,25 @@ def run_vocabulary(model_cfg, train_shards) -> SynsetVocabulary:
         raise DataError(f"the CatLIP vocabulary has {len(vocabulary)} classes, not divisible by "
                         f"tensor_model_parallel_size {tp} (build_synset_vocab.py --max-size picks the count)")
     return vocabulary
+
+
+def planned_class_count(model_cfg) -> int:
+    """The class count a CatLIP run of this config will have, without reading its shards (for the
+    memory planner): its vocabulary file's, or the synthetic set's, every synset its caption grammar
+    names (its train split, random captions of that grammar, names them all at any useful size)."""
+    path = model_cfg.catlip.vocabulary
+    return _file_class_count(path, os.stat(path).st_mtime_ns) if path is not None else len(_synthetic_synsets())
+
+
+@lru_cache(maxsize=8)
+def _file_class_count(path: str, modified: int) -> int:
+    """Cached: the planner asks for every layout it tries; ``modified`` keys a rewritten file afresh."""
+    return len(SynsetVocabulary.load(path))
+
+
+@lru_cache(maxsize=1)
+def _synthetic_synsets() -> Counter:
+    return count_synsets(caption(c, s, p) for c in COLOURS for s in SHAPES for p in range(len(POSITIONS)))[0]
 
 
 class SynsetVocabulary:
