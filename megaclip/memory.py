@@ -13,6 +13,8 @@ padded to a multiple of 128·t) are split over t; everything else is replicated:
     text     tokens V_pad·h/t + positions ctx·h + ln_final 2h + projection h·o
     the objective's scalars: logit_scale 1 (clip), + logit_bias 1 (siglip)
     CatLIP   no text tower; its head, a column linear over its C classes: (o·C + C)/t
+    fusion   per layer a text-width layer + cross-attention 2h + (h² + h)/t + (2h² + 2h)/t + h²/t + h;
+             image_to_text h_v·h + h, ln_final 2h, itm_head 2h + 2 (model.fusion)
 With n_local elements on a rank and weights of w bytes (2 under bf16 O2, where the objective's scalars
 stay fp32; else 4):
     params      n_local·w
@@ -64,6 +66,7 @@ adds the feature gradients 2·b·o·4, one block's logits and their gradient ter
 round the ring (min(d - 1, 2)) the message [block, its gradient] sent and the one received, 4·b·o·4.
 (An estimate from the loss's code, not matched to live tensors as the rest is: it is a few b×o and b×b
 tensors, far below a tower's activations.)
+The fusion terms (model.fusion) are counted with the loss, as an estimate (``_fusion``).
 CatLIP's loss keeps the multi-hot targets 4·b·C and the rank's logits in fp32 4·b·C/t (computed in the
 model dtype and cast, the cast kept); its backward adds their gradient twice over, 8·b·C/t; then the
 head's backward holds, with those freed, the logits' gradient b·C·c/t and the head's weight and bias
@@ -220,7 +223,33 @@ def parameter_shapes(model_cfg, tp: int) -> Dict[str, Tuple[int, ...]]:
     if model_cfg.loss == "catlip":
         classes = planned_class_count(model_cfg) // tp
         shapes.update({"catlip_head.weight": (classes, model_cfg.output_dim), "catlip_head.bias": (classes,)})
+    if _fusion_layers(model_cfg):
+        shapes.update(_fusion_shapes(model_cfg, tp))
     return shapes
+
+
+def _fusion_layers(model_cfg) -> int:
+    fusion = model_cfg.get("fusion")  # configs saved before the key existed have none
+    return fusion.num_layers if fusion is not None else 0
+
+
+def _fusion_shapes(model_cfg, tp: int) -> Dict[str, Tuple[int, ...]]:
+    """The fusion layers (megaclip.model.fusion): a text-width layer plus cross-attention (q and kv
+    column linears, a row proj, its LayerNorm), the image-token projection and the match head."""
+    from megaclip.model.fusion import fusion_config
+
+    f = fusion_config(model_cfg)
+    w = f.hidden_size
+    shapes = {"fusion.image_to_text.weight": (w, model_cfg.vision.hidden_size), "fusion.image_to_text.bias": (w,)}
+    for name, shape in _transformer_shapes("fusion.transformer", f, tp).items():
+        shapes[name] = shape
+        if name.endswith("attn.proj.bias"):  # after self-attention: the cross-attention's
+            p = name[:-len("attn.proj.bias")]
+            shapes.update({**_layer_norm(f"{p}ln_cross", w),
+                           f"{p}cross_attn.q.weight": (w // tp, w), f"{p}cross_attn.q.bias": (w // tp,),
+                           f"{p}cross_attn.kv.weight": (2 * w // tp, w), f"{p}cross_attn.kv.bias": (2 * w // tp,),
+                           f"{p}cross_attn.proj.weight": (w, w // tp), f"{p}cross_attn.proj.bias": (w,)})
+    return {**shapes, **_layer_norm("fusion.ln_final", w), "fusion.itm_head.weight": (2, w), "fusion.itm_head.bias": (2,)}
 
 
 def _layer_norm(prefix: str, width: int) -> Dict[str, Tuple[int, ...]]:
@@ -388,11 +417,36 @@ def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
     return 2 * samples * model_cfg.output_dim * 4 + 2 * rows * samples * 4, 2 * rows * samples * 4
 
 
+def _fusion(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
+    """(bytes the fusion terms keep, bytes their backward adds): an estimate from the code, not matched
+    to live tensors. P image-caption pairs go through the fusion layers, 3b for ITM (positives, both
+    sides' negatives) + b for captioning; each layer keeps what a text layer keeps for P·s tokens plus
+    its cross-attention's (LN input and output, q, attention output, log-sum-exp, and k, v and the
+    kv input over the P·s_v image tokens); before the layers the pairs' image tokens and their
+    projection, P·s_v·(h_v + h); the captioning logits 2·P/4·s·V/t fp32 (kept and their softmax)."""
+    if not _fusion_layers(model_cfg):
+        return 0, 0
+    from megaclip.model.fusion import fusion_config
+
+    f, b, t = fusion_config(model_cfg), layout.micro_batch, layout.tp
+    pairs = b * ((3 if model_cfg.fusion.itm_weight else 0) + (1 if model_cfg.fusion.lm_weight else 0))
+    padding = layout.tp if layout.sequence_parallel else 1
+    s, s_v, h = _sequence(f, vision=False, multiple=padding), _sequence(model_cfg.vision, vision=True), f.hidden_size
+    tokens, image_tokens = pairs * s, pairs * s_v
+    _, full, working = _layer(f, tokens, layout, e)
+    q = t if layout.sequence_parallel else 1
+    cross = (2 * tokens * h * e.residual // q + 8 * tokens // q + tokens * h * e.linear + image_tokens * h * e.linear
+             + (2 * tokens * h + 2 * image_tokens * h) * e.compute // t + 4 * tokens * f.num_attention_heads // t)
+    start = image_tokens * (model_cfg.vision.hidden_size * e.residual + h * e.compute)
+    logits = 2 * 4 * b * s * padded_vocab_size(model_cfg.text.vocab_size, t) // t if model_cfg.fusion.lm_weight else 0
+    return start + f.num_layers * (full + cross) + logits, working + logits
+
+
 def activation_bytes(model_cfg, layout: Layout) -> Activations:
     e = _activation_bytes_per_element(model_cfg, layout)
     vision = _tower(model_cfg.vision, model_cfg.output_dim, layout.vision_checkpointing, layout, e, vision=True)
     text = _text_tower(model_cfg, layout.text_checkpointing, layout, e)
-    loss = _loss(model_cfg, layout)
+    loss = tuple(a + b for a, b in zip(_loss(model_cfg, layout), _fusion(model_cfg, layout, e)))
     return Activations(vision[0], text[0], loss[0], _peak(_autocast_copies(model_cfg, layout), vision, text, loss))
 
 
@@ -422,7 +476,8 @@ def _autocast_copies(model_cfg, layout: Layout) -> int:
 
 def _is_matmul_operand(name: str) -> bool:
     """Parameters autocast copies to bf16: linear, conv and projection weights and biases."""
-    return any(part in name for part in (".attn.", ".mlp.", "conv1", "visual.proj", "text_projection", "catlip_head"))
+    return any(part in name for part in (".attn.", ".mlp.", "conv1", "visual.proj", "text_projection", "catlip_head",
+                                         "image_to_text", "itm_head"))
 
 
 # ---------------------------------------------------------------- plans

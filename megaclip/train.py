@@ -76,7 +76,8 @@ def evaluate(model, data: Data, cfg, device, autocast) -> Dict[str, float]:
     classifies straight from its head."""
     distributed.doing("evaluation")
     dp_group, z = distributed.dp_group(), cfg.model.data.zeroshot
-    metrics = {} if data.vocabulary else evaluate_retrieval(model, data.val(), device, autocast, dp_group)
+    rerank_k = cfg.model.fusion.rerank_k if cfg.model.fusion.num_layers else 0  # re-ranked by the fusion layers
+    metrics = {} if data.vocabulary else evaluate_retrieval(model, data.val(), device, autocast, dp_group, rerank_k)
     tasks = []
     if data.synthetic_zeroshot:
         task = data.synthetic_zeroshot
@@ -142,29 +143,31 @@ def train(cfg, world_size: int) -> TrainResult:
         distributed.doing("training", step)
         images, tokens = next(batches)
         with autocast:
-            loss, terms = accumulation.step(objective, model, images, tokens, micro_batches(cfg, world_size), device)
-        verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip))
-        if verdict.finite:  # otherwise the update is skipped; the step, schedule and data move on
-            optimizer.step()
+            loss, terms = accumulation.step(objective, model, images, tokens, micro_batches(cfg, world_size), device,
+                                            optimizer.no_sync)
+        every = cfg.exp_manager.checkpoint.every_n_steps
+        saving = (every and step % every == 0) or step == t.max_steps
+        # the host reads the device only on log and checkpoint steps: a stop signal waits for the next
+        verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip),
+                              read=saving or step % t.log_every_n_steps == 0)
+        optimizer.step(skip=verdict.skip)  # a non-finite step keeps the weights; the schedule and data move on
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         model.clamp_logit_scale()
         result.step = step
-        result.losses.append(loss.item())
-        monitor.step(step, loss=result.losses[-1], lr=scheduler.get_last_lr()[0], nonfinite=guard.nonfinite_steps,
-                     terms={name: term.item() for name, term in terms.items()},
+        monitor.step(step, loss=loss, lr=scheduler.get_last_lr()[0], nonfinite=verdict.nonfinite_steps, terms=terms,
                      skipped=lambda: skipped_across_ranks(data.train, device, distributed.dp_group()))
         if step % t.val_check_interval == 0 and step != t.max_steps:
             result.evals[step] = evaluate(model, data, cfg, device, autocast)
             monitor.evaluation(step, result.evals[step])
-        every = cfg.exp_manager.checkpoint.every_n_steps
-        if (every and step % every == 0) or step == t.max_steps or verdict.save_due or verdict.stop:
+        if saving or verdict.save_due or verdict.stop:
             checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
-                               keep=cfg.exp_manager.checkpoint.save_top_k, loss=result.losses[-1], **state)
+                               keep=cfg.exp_manager.checkpoint.save_top_k, loss=loss.item(), **state)
             guard.saved()
         if verdict.stop:
             monitor.print(f"preempted at step {step}: checkpoint saved, exiting")
             monitor.close()
+            result.losses = list(monitor.losses.values())
             return result
 
     result.step = max(result.step, first_step - 1)
@@ -173,9 +176,11 @@ def train(cfg, world_size: int) -> TrainResult:
     skipped = skipped_across_ranks(data.train, device, distributed.dp_group())
     monitor.print(f"skipped input: {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'})")
     monitor.close()
+    result.losses = list(monitor.losses.values())
     last_loss = result.losses[-1] if result.losses else resumed["loss"]  # a finished run, resumed
     # CatLIP retrieves nothing: its zero-shot accuracy instead
-    shown = [k for k in ("i2t_R@1", "t2i_R@1", "chance_R@1") if k in final] or [k for k in final if k.endswith("_top1")]
+    shown = [k for k in ("i2t_R@1", "t2i_R@1", "chance_R@1", "rerank_i2t_R@1", "rerank_t2i_R@1") if k in final] or [
+        k for k in final if k.endswith("_top1")]
     monitor.print(f"final: step={result.step} loss={last_loss:.4f}" + "".join(f" {k}={final[k]:.4f}" for k in shown))
     return result
 

@@ -5,6 +5,7 @@
     python tools/evaluate.py --checkpoint CKPT --zeroshot-folder imagenet/val --classes classes.txt
     python tools/evaluate.py --checkpoint CKPT --zeroshot-shards "in1k/val-{0000..0063}.tar" --classes classes.txt
     python tools/evaluate.py --checkpoint CKPT --synthetic-zeroshot shape          # synthetic val split
+    python tools/evaluate.py --checkpoint CKPT --rerank-k 32    # a model with fusion layers: re-rank the top 32
 
 Zero-shot labels: an image folder's i-th class subfolder in sorted order is class i; shards carry the
 label in --label-key. --classes: one name per line, or `index<TAB>name` lines.
@@ -52,6 +53,10 @@ def evaluate(args: argparse.Namespace) -> None:
     if model.text is None:
         raise ValueError(f"{args.checkpoint} is a model.loss={m.loss} model: no text tower to retrieve or classify with "
                          "(its training run reports zero-shot from its head)")
+    fusion = getattr(model, "fusion", None)
+    if args.rerank_k and fusion is None:
+        raise ValueError(f"--rerank-k: {args.checkpoint} has no fusion layers (model.fusion.num_layers=0) to re-rank with")
+    rerank_k = 0 if fusion is None else args.rerank_k if args.rerank_k is not None else m.fusion.rerank_k
     sources = prepare.resolve(m)
     val_shards = args.val_shards or sources.val_shards
     if val_shards is None:
@@ -61,7 +66,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
                             batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
-    metrics = evaluate_retrieval(model, val, device, autocast)
+    metrics = evaluate_retrieval(model, val, device, autocast, rerank_k=rerank_k)
     if not val.samples:
         skipped = f" (skipped: {format_metrics(val.skipped)})" if val.skipped else ""
         raise ValueError(f"no usable samples in the val split {val_shards}{skipped}")
@@ -99,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names file (needed by --zeroshot-folder / --zeroshot-shards)")
     p.add_argument("--templates", default=str(OPENAI_TEMPLATES), help="prompt templates file")
     p.add_argument("--synthetic-zeroshot", choices=["shape", "colour"], help="zero-shot on the synthetic val split")
+    p.add_argument("--rerank-k", type=int, help="re-rank each query's contrastive top k by the fusion layers' match "
+                   "head (default: the run's model.fusion.rerank_k; 0: off)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     return p
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.zeroshot_folder or args.zeroshot_shards) and not args.classes:
         p.error("--zeroshot-folder and --zeroshot-shards need --classes")
+    if args.rerank_k is not None and args.rerank_k < 0:
+        p.error("--rerank-k must be >= 0")
     try:
         evaluate(args)
     except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError

@@ -55,6 +55,30 @@ def check_names(state: Dict[str, torch.Tensor], expected: Iterable[str], source:
         raise ValueError(f"{source} state does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def dual_encoder(full: Dict[str, torch.Tensor], target: str) -> Dict[str, torch.Tensor]:
+    """The state without the fusion layers (model.fusion), which the target's CLIP models have no place
+    for; says so in one line when there are any."""
+    left_out = [name for name in full if name.startswith("fusion.")]
+    if left_out:
+        print(f"{target} CLIP models have no fusion layers: exporting the dual encoder, "
+              f"{len(left_out)} fusion-layer tensors (model.fusion) left out", flush=True)
+    return {name: tensor for name, tensor in full.items() if name not in left_out}
+
+
+def image_only(model_cfg: DictConfig) -> bool:
+    """A model without a text tower (model.loss=catlip): it exports as the targets' image tower alone."""
+    return model_cfg.get("loss", "clip") == "catlip"  # configs written before model.loss are CLIP's
+
+
+def image_tower(full: Dict[str, torch.Tensor], target: str, model_kind: str) -> Dict[str, torch.Tensor]:
+    """The image tower's tensors of a CatLIP model, saying in one line what the export holds and why its
+    classification head is left out (the target has no class head over synsets)."""
+    classes = full["catlip_head.weight"].shape[0]
+    print(f"a model.loss=catlip model has no text tower: exporting its image tower alone as {target}'s {model_kind}; "
+          f"its classification head over {classes} synsets (catlip_head) is left out", flush=True)
+    return {name: tensor for name, tensor in full.items() if name.startswith("visual.")}
+
+
 def require_clip_bpe(model_cfg: DictConfig, target: str) -> None:
     """The targets pool text at CLIP BPE's end-of-text id, so they need models trained with it."""
     library = model_cfg.text.tokenizer.library

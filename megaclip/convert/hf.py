@@ -4,7 +4,8 @@ Tensors map one to one except attention, whose separate q/k/v projections make m
 qkv linear (megaclip.convert.qkv), and the projections, which HF holds as Linear weights [out, w]
 where megaclip holds [w, out] matrices. HF pools text at the first ``eos_token_id`` (or, for legacy
 configs with eos_token_id 2, at the largest id), megaclip at the first end-of-text id: the same position
-for rows of CLIP BPE, whose end-of-text is its largest id.
+for rows of CLIP BPE, whose end-of-text is its largest id. A ``model.loss=catlip`` model, which has no
+text tower, exports as HF's ``CLIPVisionModelWithProjection`` (the image tower and its projection).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Dict, List, Tuple, Union
 import torch
 from omegaconf import DictConfig
 
-from megaclip.convert import CLIP_BPE_TOKENIZER, check_names, import_library, require_clip_bpe, tower_overrides
+from megaclip.convert import (CLIP_BPE_TOKENIZER, check_names, dual_encoder, image_only, image_tower, import_library,
+                              require_clip_bpe, tower_overrides)
 from megaclip.convert.qkv import per_head_from_separate, separate_from_per_head
 from megaclip.data.clip_bpe import EOT_ID, PAD_ID, SOT_ID
 from megaclip.model.state import State
@@ -80,10 +82,15 @@ def from_hf(hf_state_dict: Dict[str, torch.Tensor], hf_config: Union["transforme
 
 
 def to_hf(full: State, model_cfg: DictConfig) -> Tuple[Dict[str, torch.Tensor], "transformers.CLIPConfig"]:
-    """megaclip full state and ``model`` config section -> (HF CLIPModel state dict, its CLIPConfig)."""
+    """megaclip full state and ``model`` config section -> (HF CLIPModel state dict, its CLIPConfig), or
+    for a model without a text tower (CLIPVisionModelWithProjection's state dict, its CLIPVisionConfig)."""
     config = hf_clip_config(model_cfg)
     heads = {"visual": model_cfg.vision.num_attention_heads, "text": model_cfg.text.num_attention_heads}
-    names, qkv = _names(model_cfg.vision.num_layers, model_cfg.text.num_layers)
+    names, qkv = _names(model_cfg.vision.num_layers, 0 if image_only(model_cfg) else model_cfg.text.num_layers)
+    if image_only(model_cfg):
+        names = [(ours, theirs) for ours, theirs in names if ours.startswith("visual.")]
+        full = image_tower(full, "HF", "CLIPVisionModelWithProjection")
+    full = dual_encoder(full, "HF")
     check_names(full, [ours for ours, _ in names] + [ours for ours, _ in qkv], "megaclip")
     out = {}
     for ours, theirs in names:
@@ -98,21 +105,31 @@ def to_hf(full: State, model_cfg: DictConfig) -> Tuple[Dict[str, torch.Tensor], 
     return out, config
 
 
-def hf_clip_config(model_cfg: DictConfig) -> "transformers.CLIPConfig":
-    """HF's CLIPConfig for a megaclip ``model`` config section."""
+def hf_model(config: Union["transformers.CLIPConfig", "transformers.CLIPVisionConfig"]):
+    """The HF model of a config hf_clip_config made, randomly initialised."""
+    if isinstance(config, transformers.CLIPVisionConfig):
+        return transformers.CLIPVisionModelWithProjection(config)
+    return transformers.CLIPModel(config)
+
+
+def hf_clip_config(model_cfg: DictConfig) -> Union["transformers.CLIPConfig", "transformers.CLIPVisionConfig"]:
+    """HF's CLIPConfig for a megaclip ``model`` config section; CLIPVisionConfig for an image tower alone."""
     v, t = model_cfg.vision, model_cfg.text
-    require_clip_bpe(model_cfg, "HF CLIP")
+    if not image_only(model_cfg):
+        require_clip_bpe(model_cfg, "HF CLIP")
     if v.class_token_length != 1:
         raise ValueError(f"HF CLIP has one class token; model.vision.class_token_length is {v.class_token_length}")
     if v.global_average_pool:
         raise ValueError("HF CLIP pools the class token; model.vision.global_average_pool=True is not supported")
+    vision = {**_hf_tower(v, model_cfg.output_dim), "image_size": v.img_h, "patch_size": v.patch_dim,
+              "num_channels": v.num_channels}
+    if image_only(model_cfg):
+        return transformers.CLIPVisionConfig(**vision)
     if model_cfg.get("loss", "clip") != "clip":  # configs written before model.loss are CLIP's
         raise ValueError(f"HF CLIPModel has no logit_bias: a model.loss={model_cfg.loss} model converts to open_clip only")
     text = {**_hf_tower(t, model_cfg.output_dim), "vocab_size": t.vocab_size,
             "max_position_embeddings": t.encoder_seq_length, "pad_token_id": PAD_ID,
             "bos_token_id": SOT_ID, "eos_token_id": EOT_ID}
-    vision = {**_hf_tower(v, model_cfg.output_dim), "image_size": v.img_h, "patch_size": v.patch_dim,
-              "num_channels": v.num_channels}
     return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=model_cfg.output_dim)
 
 

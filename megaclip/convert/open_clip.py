@@ -5,7 +5,10 @@ The model config is open_clip's dict (``embed_dim``, ``vision_cfg``, ``text_cfg`
 ``open_clip.get_model_config`` returns it). Tensors map one to one; the attention input projection
 is re-laid out (megaclip.convert.qkv) and open_clip's single class embedding [w] becomes megaclip's
 [1, w]. A model with a ``logit_bias`` (``init_logit_bias`` set: trained with SigLIP's loss) is a
-``model.loss=siglip`` model, its bias mapped both ways. Neither side needs open_clip installed.
+``model.loss=siglip`` model, its bias mapped both ways. A ``model.loss=catlip`` model, which has no
+text tower, exports its image tower alone: the state dict of open_clip's ``model.visual``, with a model
+config whose text tower is an empty placeholder (open_clip's configs need one: no layers, one token).
+Neither side needs open_clip installed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Dict, List, Tuple
 import torch
 from omegaconf import DictConfig
 
-from megaclip.convert import CLIP_BPE_TOKENIZER, check_names, require_clip_bpe, tower_overrides
+from megaclip.convert import (CLIP_BPE_TOKENIZER, check_names, dual_encoder, image_only, image_tower, require_clip_bpe,
+                              tower_overrides)
 from megaclip.convert.qkv import per_head_from_stacked, stacked_from_per_head
 from megaclip.model.state import State
 
@@ -43,6 +47,9 @@ _TEXT_INERT = {"pad_id", "eos_id", "output_tokens", "hf_model_pretrained", "hf_p
 # init_logit_bias (a number) gives the model SigLIP's logit_bias: megaclip's model.loss=siglip.
 _TOP_INERT = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias", "cast_dtype",
               "output_dict"}
+
+# The text_cfg of an exported image tower alone: open_clip builds a text tower from every config
+_PLACEHOLDER_TEXT_CFG = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 0}
 
 # (megaclip, open_clip) names of the tensors in one transformer layer.
 _LAYER = [("ln_1.weight", "ln_1.weight"), ("ln_1.bias", "ln_1.bias"),
@@ -120,10 +127,15 @@ def _objective_overrides(model_cfg: Dict) -> Dict:
 
 def to_open_clip(full: State, model_cfg: DictConfig) -> Dict[str, torch.Tensor]:
     """megaclip full state and ``model`` config section -> a state dict that
-    ``open_clip.create_model`` of ``open_clip_model_config(model_cfg)`` loads with strict=True."""
+    ``open_clip.create_model`` of ``open_clip_model_config(model_cfg)`` loads with strict=True; for a
+    model without a text tower, one that its ``.visual`` loads with strict=True."""
     open_clip_model_config(model_cfg)  # raises for what open_clip cannot hold
     heads = {"visual": model_cfg.vision.num_attention_heads, "text": model_cfg.text.num_attention_heads}
     names = _names(model_cfg.vision.num_layers, model_cfg.text.num_layers, _is_siglip(model_cfg))
+    if image_only(model_cfg):
+        names = [(ours, theirs[len("visual."):]) for ours, theirs in names if ours.startswith("visual.")]
+        full = image_tower(full, "open_clip", "model.visual")
+    full = dual_encoder(full, "open_clip")
     check_names(full, [ours for ours, _ in names], "megaclip")
     out = {}
     for ours, theirs in names:
@@ -139,12 +151,13 @@ def to_open_clip(full: State, model_cfg: DictConfig) -> Dict[str, torch.Tensor]:
 def open_clip_model_config(model_cfg: DictConfig) -> Dict:
     """open_clip's model config dict for a megaclip ``model`` config section."""
     v, t = model_cfg.vision, model_cfg.text
-    require_clip_bpe(model_cfg, "open_clip")
+    if not image_only(model_cfg):
+        require_clip_bpe(model_cfg, "open_clip")
     if v.class_token_length != 1:
         raise ValueError(f"open_clip has one class token; model.vision.class_token_length is {v.class_token_length}")
     if v.num_channels != 3:
         raise ValueError(f"open_clip takes 3-channel images; model.vision.num_channels is {v.num_channels}")
-    if v.activation != t.activation:
+    if v.activation != t.activation and not image_only(model_cfg):
         raise ValueError(f"open_clip has one activation for both towers; vision uses {v.activation}, text {t.activation}")
     vision_cfg = {"image_size": v.img_h, "layers": v.num_layers, "width": v.hidden_size,
                   "head_width": v.hidden_size // v.num_attention_heads,
@@ -158,6 +171,8 @@ def open_clip_model_config(model_cfg: DictConfig) -> Dict:
             cfg["norm_kwargs"] = {"eps": tower.layernorm_epsilon}
     siglip = ({"init_logit_scale": model_cfg.siglip.init_logit_scale, "init_logit_bias": model_cfg.siglip.init_logit_bias}
               if _is_siglip(model_cfg) else {})
+    if image_only(model_cfg):  # open_clip's configs must name a text tower: an empty placeholder
+        text_cfg = _PLACEHOLDER_TEXT_CFG
     return {"embed_dim": model_cfg.output_dim, "quick_gelu": v.activation == "quick_gelu",
             "vision_cfg": vision_cfg, "text_cfg": text_cfg, **siglip}
 
