@@ -26,6 +26,7 @@ from megaclip.data.clip_bpe import ClipBpeTokenizer
 from megaclip.model import CLIPModel
 from megaclip.model.state import load_full_state_dict
 from tests.distributed import run_distributed
+from tests.helpers import small_config
 
 open_clip = import_library("open_clip")
 
@@ -303,3 +304,33 @@ def test_megaclip_features_the_targets_lack_are_named(small_open_clip, changes, 
     overrides, full = from_open_clip(model.state_dict(), model_cfg)
     with pytest.raises(ValueError, match=message):
         convert(full, OmegaConf.merge(megaclip_config(overrides, 1).model, changes))
+
+
+def test_catlip_exports_its_image_tower(tmp_path, capsys):
+    """A model.loss=catlip checkpoint (no text tower, a class head) saved at TP=2 exports as open_clip's
+    model.visual and HF's CLIPVisionModelWithProjection, each giving the image features megaclip gives,
+    with one line saying that the head is left out."""
+    cfg = small_config("model.loss=catlip", "model.vision.activation=quick_gelu")
+    torch.manual_seed(0)
+    model = jitter(CLIPModel(cfg.model, 20), 3)
+    write_model_checkpoint(tmp_path / "ckpt", model.state_dict(), cfg, 2)
+    tool = load_tool()
+    exported = tmp_path / "open_clip" / "catlip_export.pt"
+    assert tool.main(["megaclip-to-open_clip", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(exported)]) == 0
+    assert tool.main(["megaclip-to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "catlip_head" in line]
+    assert said == [f"a model.loss=catlip model has no text tower: exporting its image tower alone as {target}; its "
+                    "classification head over 20 synsets (catlip_head) is left out"
+                    for target in ("open_clip's model.visual", "HF's CLIPVisionModelWithProjection")]
+
+    images = batch(cfg.model.vision.img_h)[0]
+    open_clip.add_model_config(exported.with_suffix(".json"))
+    theirs = open_clip.create_model("catlip_export")  # with a placeholder text tower
+    theirs.visual.load_state_dict(torch.load(exported))  # strictly
+    hf = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        ours = model.encode_image(images)
+        from_open_clip_model = theirs.eval().encode_image(images, normalize=True)
+        from_hf_model = F.normalize(hf.eval()(pixel_values=images).image_embeds, dim=-1)
+    assert_same_features([ours], [from_open_clip_model])
+    assert_same_features([ours], [from_hf_model])

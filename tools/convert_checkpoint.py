@@ -10,7 +10,10 @@ megaclip checkpoint to another TP size. Nothing is downloaded.
 megaclip-to-open_clip writes the state dict and, beside it with the suffix .json, open_clip's model
 config: ``open_clip.add_model_config("exported/model.json")`` then
 ``open_clip.create_model("model", pretrained="exported/model.pt")`` loads it. megaclip-to-hf writes a
-folder for ``transformers.CLIPModel.from_pretrained``. Converted checkpoints carry clip_tiny's training
+folder for ``transformers.CLIPModel.from_pretrained``. A model.loss=catlip checkpoint (no text tower)
+exports its image tower alone: open_clip's ``model.visual`` state dict (``model.visual.load_state_dict``
+after ``create_model``; the config's text tower is a placeholder) and HF's
+``CLIPVisionModelWithProjection`` folder; its class head is left out. Converted checkpoints carry clip_tiny's training
 settings with the source's architecture and no data (set model.data.* to train from them).
 A failure ends with one line, ``convert_checkpoint: error: ...``, and exit code 2.
 """
@@ -67,11 +70,11 @@ def hf_to_megaclip(args: argparse.Namespace) -> None:
 
 
 def megaclip_to_hf(args: argparse.Namespace) -> None:
-    from megaclip.convert.hf import to_hf, transformers  # transformers takes seconds to import: HF modes only
+    from megaclip.convert.hf import hf_model, to_hf  # transformers takes seconds to import: HF modes only
 
     full, cfg = read_full_model_state(args.checkpoint)
     state_dict, config = to_hf(full, cfg.model)
-    model = transformers.CLIPModel(config)
+    model = hf_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # weights whose shapes differ from the checkpoint's config

@@ -7,7 +7,7 @@ is re-laid out (megaclip.convert.qkv) and open_clip's single class embedding [w]
 [1, w]. A model with a ``logit_bias`` (``init_logit_bias`` set: trained with SigLIP's loss) is a
 ``model.loss=siglip`` model, its bias mapped both ways. A ``model.loss=catlip`` model, which has no
 text tower, exports its image tower alone: the state dict of open_clip's ``model.visual``, with a model
-config whose text tower is an empty placeholder (open_clip's configs need one: no layers, one token).
+config whose text tower is a tiny meaningless placeholder (open_clip's configs need one).
 Neither side needs open_clip installed.
 """
 from __future__ import annotations
@@ -48,8 +48,9 @@ _TEXT_INERT = {"pad_id", "eos_id", "output_tokens", "hf_model_pretrained", "hf_p
 _TOP_INERT = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias", "cast_dtype",
               "output_dict"}
 
-# The text_cfg of an exported image tower alone: open_clip builds a text tower from every config
-_PLACEHOLDER_TEXT_CFG = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 0}
+# The text_cfg of an exported image tower alone: open_clip builds a text tower from every config (of
+# one layer at least), so the smallest one, meaningless, a few hundred parameters
+_PLACEHOLDER_TEXT_CFG = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
 
 # (megaclip, open_clip) names of the tensors in one transformer layer.
 _LAYER = [("ln_1.weight", "ln_1.weight"), ("ln_1.bias", "ln_1.bias"),
@@ -171,7 +172,7 @@ def open_clip_model_config(model_cfg: DictConfig) -> Dict:
             cfg["norm_kwargs"] = {"eps": tower.layernorm_epsilon}
     siglip = ({"init_logit_scale": model_cfg.siglip.init_logit_scale, "init_logit_bias": model_cfg.siglip.init_logit_bias}
               if _is_siglip(model_cfg) else {})
-    if image_only(model_cfg):  # open_clip's configs must name a text tower: an empty placeholder
+    if image_only(model_cfg):  # open_clip's configs must name a text tower: a placeholder
         text_cfg = _PLACEHOLDER_TEXT_CFG
     return {"embed_dim": model_cfg.output_dim, "quick_gelu": v.activation == "quick_gelu",
             "vision_cfg": vision_cfg, "text_cfg": text_cfg, **siglip}
