@@ -6,7 +6,13 @@ for a periodic checkpoint has passed.
 Each rank sees only its own part of that: its loss (the local loss differs by DP rank), the signals
 that reached it (a signal reaches ranks at different moments, or only some of them), its own clock.
 So every rank contributes three flags and the world takes their maximum: one small all-reduce per
-step, read back with one host sync; the loop reads the loss back every step anyway.
+step on the device. The step's skip never leaves the device: the fused AdamW kernel takes it as its
+``found_inf`` and leaves weights, moments and step count as they were. The host reads the flags and
+the counts only on the steps the loop asks it to (``read``: log steps, checkpoint steps, the last
+step), so a stop signal or a due wall-clock save takes effect at the first such step after it on
+every rank alike: up to trainer.log_every_n_steps steps later (a preemption's grace period is
+minutes; a GPU step is seconds). A streak of non-finite steps too long is noticed there too; the
+steps in between skip their updates as they come, on the device.
 
 A skipped step still counts as a step, as with AMP's GradScaler: the step counter, the LR schedule
 and the data move on, only the optimizer does not step (its moments and Adam step count stay).
@@ -76,9 +82,10 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 @dataclass
 class Verdict:
-    finite: bool  # apply this step's update
-    stop: bool  # a stop signal reached some rank: save at this step and exit
-    save_due: bool  # every_n_minutes have passed since the last save (rank 0's clock)
+    skip: torch.Tensor  # on the device, 1.0: a non-finite step whose update is not applied
+    nonfinite_steps: torch.Tensor  # on the device: steps of this run skipped so far, this one included
+    stop: bool = False  # a stop signal reached some rank: save at this step and exit (read steps only)
+    save_due: bool = False  # every_n_minutes have passed since the last save, by rank 0's clock (read steps only)
 
 
 class StepGuard:
@@ -86,31 +93,40 @@ class StepGuard:
         self.max_consecutive, self.device = max_consecutive_nonfinite, device
         self.save_interval_s = every_n_minutes * 60
         self.last_save = time.monotonic()
-        self.nonfinite_steps = 0  # in this run (a resumed run counts afresh)
-        self.consecutive = 0
+        # on the device: [non-finite steps in this run (a resumed run counts afresh), in a row now,
+        # the step at which a streak first reached max_consecutive (0: none)]
+        self.counts = torch.zeros(3, device=device)
+        self.nonfinite_steps = self.consecutive = 0  # the counts as of the last read
 
-    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, read: bool = True) -> Verdict:
         """Called between the gradient reduction and the optimizer step, on every rank (a collective).
-        The gradient norm is the same on every rank already; the loss and the rest are not."""
-        clock_due = (self.save_interval_s > 0 and dist.get_rank() == 0
-                     and time.monotonic() - self.last_save >= self.save_interval_s)
+        The gradient norm is the same on every rank already; the loss and the rest are not. Only with
+        ``read`` does the host look at the outcome (and raise NonFiniteError for a streak too long)."""
         nonfinite = torch.logical_not(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm).all())
-        flags = torch.stack([nonfinite.to(self.device, torch.float32),
-                             torch.tensor(float(stop_signal_received() is not None), device=self.device),
-                             torch.tensor(float(clock_due), device=self.device)])
+        flags = nonfinite.to(self.device, torch.float32).reshape(1)
+        if read:  # the host's flags, only where the host will look (a copy to the device is no sync)
+            clock_due = (self.save_interval_s > 0 and dist.get_rank() == 0
+                         and time.monotonic() - self.last_save >= self.save_interval_s)
+            host = torch.tensor([float(stop_signal_received() is not None), float(clock_due)])
+            flags = torch.cat([flags, host.to(self.device, non_blocking=True)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop, save_due = (bool(f) for f in flags.tolist())
-        if nonfinite:
-            self.nonfinite_steps += 1
-            self.consecutive += 1
-            if self.consecutive >= self.max_consecutive:
-                raise NonFiniteError(
-                    f"non-finite loss or gradient norm in {self.consecutive} consecutive steps "
-                    f"({step - self.consecutive + 1} to {step}; trainer.max_consecutive_nonfinite={self.max_consecutive}): "
-                    f"stopped at step {step} without saving; lower model.optim.lr or check the data, then resume")
-        else:
-            self.consecutive = 0
-        return Verdict(finite=not nonfinite, stop=stop, save_due=save_due)
+        skip, (total, row, tripped) = flags[0], self.counts
+        row = (row + 1) * skip
+        tripped = torch.where((tripped == 0) & (row >= self.max_consecutive), float(step), tripped)
+        self.counts = torch.stack([total + skip, row, tripped])
+        verdict = Verdict(skip=skip, nonfinite_steps=self.counts[0])
+        if not read:
+            return verdict
+        _, stop, save_due, total, row, tripped = torch.cat([flags, self.counts]).tolist()  # the host read
+        self.nonfinite_steps, self.consecutive = int(total), int(row)
+        if tripped:
+            first = int(tripped) - self.max_consecutive + 1
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm in {self.max_consecutive} consecutive steps "
+                f"({first} to {int(tripped)}; trainer.max_consecutive_nonfinite={self.max_consecutive}): "
+                f"stopped at step {step} without saving; lower model.optim.lr or check the data, then resume")
+        verdict.stop, verdict.save_due = bool(stop), bool(save_due)
+        return verdict
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

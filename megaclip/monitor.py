@@ -47,7 +47,8 @@ class TrainingMonitor:
         self.start_step = self.window_step = start_step
         self.started = self.window_start = time.perf_counter()
         self.data_wait = 0.0  # seconds spent waiting for batches since the last progress line
-        self.losses: Dict[int, float] = {}
+        self.losses: Dict[int, float] = {}  # every step's loss, up to the last log step (on every rank)
+        self.pending: List[tuple] = []  # the steps since: their values may still be on the device
         self.evals: Dict[int, Dict[str, float]] = {}
         self.writer = None
         if self.enabled:
@@ -77,26 +78,25 @@ class TrainingMonitor:
             self.data_wait += time.perf_counter() - start
             yield batch
 
-    def step(self, step: int, *, loss: float, lr: float, skipped: Callable[[], Dict[str, int]],
-             nonfinite: int = 0, terms: Optional[Dict[str, float]] = None) -> Optional[str]:
+    def step(self, step: int, *, loss, lr: float, skipped: Callable[[], Dict[str, int]],
+             nonfinite=0, terms: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Record a step; on log steps print (and return) the progress line. skipped() gives the bad
         input skipped so far by kind; every rank calls it on log steps, so it may be a collective
         (e.g. lambda: loader.skipped_across_ranks(train_loader, device, dp_group)). nonfinite: steps
         of this run whose update was skipped for a non-finite loss or gradient norm. terms: the
         objective's named parts of the loss, logged as loss_<name> (on the progress line only when
-        there is more than one: a single term is the loss itself)."""
+        there is more than one: a single term is the loss itself). loss, nonfinite and the terms may
+        be device tensors: they are read back to the host together on log steps (and at close), so
+        the steps between need no device sync; steps.jsonl gets their lines then."""
         log_step = step % self.log_every == 0 or step == self.max_steps
         counts = skipped() if log_step else {}
-        if not self.enabled:
-            return None
-        self.losses[step] = loss
-        named = {f"loss_{name}": value for name, value in (terms or {}).items()}
-        with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, **named, "lr": lr, "nonfinite": nonfinite}) + "\n")
-        for name, value in {"loss": loss, **named, "lr": lr}.items():
-            self.scalar(f"train/{name}", value, step)
+        self.pending.append((step, loss, nonfinite, terms or {}, lr))
         if not log_step:
             return None
+        rows = self.flush()
+        if not self.enabled:
+            return None
+        loss, nonfinite, named = rows[-1]
         now = time.perf_counter()
         window = max(now - self.window_start, 1e-9)
         rate = (step - self.window_step) * self.global_batch_size / window
@@ -115,6 +115,29 @@ class TrainingMonitor:
         self.window_start, self.window_step, self.data_wait = now, step, 0.0
         return line
 
+    def flush(self) -> List[tuple]:
+        """Read the pending steps' values back to the host with one copy, write their lines; returns
+        (loss, nonfinite, named terms) per step."""
+        if not self.pending:
+            return []
+        values = [v for _, loss, nonfinite, terms, _ in self.pending for v in (loss, nonfinite, *terms.values())]
+        tensors = [v.detach().double().reshape(()) for v in values if torch.is_tensor(v)]  # float64: fp32 exactly
+        read_back = iter(torch.stack(tensors).tolist() if tensors else [])
+        read = iter([next(read_back) if torch.is_tensor(v) else v for v in values])
+        rows = []
+        for step, _, _, terms, lr in self.pending:
+            loss, nonfinite = next(read), int(next(read))
+            named = {f"loss_{name}": next(read) for name in terms}
+            self.losses[step] = loss
+            rows.append((loss, nonfinite, named))
+            if self.enabled:
+                with open(os.path.join(self.exp_dir, STEP_LOG), "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss, **named, "lr": lr, "nonfinite": nonfinite}) + "\n")
+                for name, value in {"loss": loss, **named, "lr": lr}.items():
+                    self.scalar(f"train/{name}", value, step)
+        self.pending = []
+        return rows
+
     def evaluation(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -124,6 +147,7 @@ class TrainingMonitor:
         print(f"eval step {step}: {format_metrics(metrics)}", flush=True)
 
     def close(self) -> None:
+        self.flush()
         if not self.enabled:
             return
         if self.writer is not None:

@@ -47,17 +47,24 @@ def guarded_step(cfg, model, optimizer, scheduler, guard, step, *, report_nan_lo
     per_rank = BATCH // distributed.dp_size()
     rows = slice(distributed.dp_rank() * per_rank, (distributed.dp_rank() + 1) * per_rank)
     loss = ClipLoss(group=distributed.dp_group())(*model(images[rows], tokens[rows]))
-    loss.backward()
     rank = torch.distributed.get_rank()
-    if rank == inf_grad_on:
-        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    # poisoned as backward makes it: its DP reduction may start before backward returns
+    poisoned = next(model.parameters()).register_hook(poison_first_element) if rank == inf_grad_on else None
+    loss.backward()
+    if poisoned:
+        poisoned.remove()
     reported = loss + float("nan") if rank == report_nan_loss_on else loss
     verdict = guard.check(step, reported, optimizer.finish_gradients(cfg.model.optim.grad_clip))
-    if verdict.finite:
-        optimizer.step()
+    optimizer.step(skip=verdict.skip)  # skipped on the device, as the loop does
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return verdict.finite
+    return not verdict.skip.item()
+
+
+def poison_first_element(grad):
+    grad = grad.clone()
+    grad.view(-1)[0] = float("inf")
+    return grad
 
 
 def skip_and_count(optimizer_name):

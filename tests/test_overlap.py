@@ -1,0 +1,122 @@
+"""The gradients' DP reduction overlapped with backward (model.optim.overlap_grad_sync) changes not a
+bit: same buckets, same collectives on the same values, only started earlier. And it does start
+earlier: before backward has ended."""
+import re
+
+import pytest
+import torch
+
+from megaclip import distributed, precision
+from megaclip.config import ConfigError, load_config, validate
+from megaclip.losses import ClipLoss
+from megaclip.model import CLIPModel
+from megaclip.optim import build_optimizer
+from tests.distributed import run_distributed
+from tests.helpers import fixed_batch, small_config
+
+GLOBAL_BATCH = 8
+SMALL_BUCKETS = "model.optim.bucket_size_mb=0.02"  # ~5k fp32 elements: a dozen buckets in the small model
+CHECKPOINTING = [f"model.{tower}.{key}={value}" for tower in ("vision", "text") for key, value in (
+    ("activations_checkpoint_granularity", "full"), ("activations_checkpoint_method", "uniform"),
+    ("activations_checkpoint_num_layers", 1))]
+
+
+def train(overrides, overlap: bool, steps: int, micro_batches: int, compile_backend=None):
+    """Per-step losses, the parameters after ``steps`` clipped steps of ``micro_batches`` backward passes
+    each (all but the last inside the optimizer's no_sync), and the number of buckets."""
+    cfg = small_config(f"tp={distributed.tp_size()}", "model.vision.class_token_length=2", "model.optim.grad_clip=0.5",
+                       SMALL_BUCKETS, f"model.optim.overlap_grad_sync={overlap}", *overrides)
+    distributed.seed_everything(5)
+    model = precision.prepare_model(CLIPModel(cfg.model), cfg)
+    if compile_backend:
+        for tower in (model.visual, model.text):
+            tower.transformer.compile_layers(compile_backend)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    loss_fn = ClipLoss(group=distributed.dp_group())
+    per_rank = GLOBAL_BATCH // distributed.dp_size()
+    losses = []
+    for step in range(steps):
+        images, tokens = fixed_batch(cfg, GLOBAL_BATCH, seed=step)
+        first = distributed.dp_rank() * per_rank
+        for i in range(micro_batches):
+            # each micro step a contrastive loss of its own: accumulation's plumbing, not GradCache's maths
+            rows = slice(first + i * per_rank // micro_batches, first + (i + 1) * per_rank // micro_batches)
+            with precision.autocast(cfg, torch.device("cpu")):
+                loss = loss_fn(*model(images[rows], tokens[rows]))
+            if i < micro_batches - 1:
+                with optimizer.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+            losses.append(loss.detach())
+        optimizer.finish_gradients(cfg.model.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()}, len(optimizer.gradients.buckets)
+
+
+def overlap_changes_nothing(overrides, micro_batches=1, compile_backend=None):
+    on = train(overrides, True, 3, micro_batches, compile_backend)
+    off = train(overrides, False, 3, micro_batches, compile_backend)
+    return (torch.equal(on[0], off[0]) and all(torch.equal(on[1][n], off[1][n]) for n in off[1]),
+            on[2], bool(torch.isfinite(on[0]).all()))
+
+
+@pytest.mark.parametrize("world,tp,overrides,micro_batches", [
+    (2, 1, CHECKPOINTING, 1),
+    (2, 1, ["precision=bf16", "model.megatron_amp_O2=true", "model.optim.name=distributed_fused_adam"], 2),
+    (4, 2, ["model.sequence_parallel=true", "model.optim.name=distributed_fused_adam", *CHECKPOINTING], 1),
+    (4, 2, ["model.optim.name=fused_adam"], 2),
+], ids=["dp2-checkpointing", "dp2-bf16-O2-distributed-accumulation", "tp2xdp2-distributed-sequence-parallel-checkpointing",
+        "tp2xdp2-accumulation"])
+def test_overlapped_reduction_is_bit_identical(world, tp, overrides, micro_batches):
+    # Both runs sum the same fp32 buffers with the same collectives in the same bucket order; overlap
+    # only moves when each starts, so every loss and every weight must be equal bit for bit.
+    for identical, buckets, finite in run_distributed(overlap_changes_nothing, world, tp, overrides, micro_batches):
+        assert identical and finite
+        assert buckets >= 8  # several buckets, started one by one
+
+
+def test_overlapped_reduction_composes_with_compiled_layers():
+    # aot_eager: dynamo's capture and autograd without inductor's code generation (minutes on CPU)
+    for identical, buckets, finite in run_distributed(overlap_changes_nothing, 2, 1, [], 1, "aot_eager"):
+        assert identical and finite and buckets >= 8
+
+
+def started_when_backward_reached_the_image(overlap: bool):
+    """How many buckets had started their reduction when backward computed the images' gradient (the
+    last thing it computes: vision's first layer, after the text tower), and how many there are."""
+    cfg = small_config(SMALL_BUCKETS, f"model.optim.overlap_grad_sync={overlap}")
+    distributed.seed_everything(5)
+    model = CLIPModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    images, tokens = fixed_batch(cfg, 4)
+    images.requires_grad_(True)
+    seen = []
+    images.register_hook(lambda grad: seen.append(sum(b.started for b in optimizer.gradients.buckets)))
+    ClipLoss(group=distributed.dp_group())(*model(images, tokens)).backward()
+    optimizer.finish_gradients(1.0)
+    return seen[0], len(optimizer.gradients.buckets)
+
+
+def test_buckets_start_their_reduction_before_backward_ends():
+    for started, buckets in run_distributed(started_when_backward_reached_the_image, 2, 1, True):
+        # all but the buckets of vision's first layers (whose gradients come with the image's)
+        assert buckets // 2 <= started < buckets
+    for started, _ in run_distributed(started_when_backward_reached_the_image, 2, 1, False):
+        assert started == 0
+
+
+def test_a_second_backward_outside_no_sync_is_refused():
+    cfg = small_config()
+    model = CLIPModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.model)
+    images, tokens = fixed_batch(cfg, 4)
+    ClipLoss()(*model(images, tokens)).backward()
+    with pytest.raises(RuntimeError, match=re.escape("inside optimizer.no_sync()")):
+        ClipLoss()(*model(images, tokens)).backward()
+
+
+def test_bucket_size_is_validated():
+    with pytest.raises(ConfigError, match=re.escape("model.optim.bucket_size_mb must be > 0, got 0")):
+        validate(load_config("clip_tiny", ["model.optim.bucket_size_mb=0"]), world_size=1, data=False)
