@@ -1,6 +1,24 @@
-"""The processes of a whole run under test, read from /proc (Linux), to signal its ranks or check that
-none outlives the run."""
+"""The processes of a whole run under test: its ranks started without torchrun, and the processes read
+from /proc (Linux), to signal its ranks or check that none outlives the run."""
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.distributed import free_port
+
+
+def start_ranks(nproc: int, args, env, stderr_files, **popen):
+    """The ranks of a run started as torchrun would start them, minus torchrun, each writing its stderr
+    to its file: for a test of what a rank does on its own (torchrun ends a job with a failed worker by
+    waiting up to 30 s for the others to go before it kills them, a wait of its own that a rank which
+    cannot act on SIGTERM always costs)."""
+    port, ranks = free_port(), []
+    for rank, path in zip(range(nproc), stderr_files):
+        with open(path, "w") as stderr:
+            ranks.append(subprocess.Popen([sys.executable, *args], stderr=stderr, **popen, env=env | {
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}))
+    return ranks
 
 
 def processes():

@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
-def command(data_dir, exp_dir, *overrides, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "examples/pretrain_clip.py",
-            f"model.data.synthetic_dir={data_dir}", "model.data.synthetic_train_samples=2048", f"exp_manager.exp_dir={exp_dir}",
-            "steps=24", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=4",
+def run_args(data_dir, exp_dir, *overrides):
+    """A rank's command line (after the interpreter) for a short run."""
+    return ["examples/pretrain_clip.py", f"model.data.synthetic_dir={data_dir}", "model.data.synthetic_train_samples=2048",
+            f"exp_manager.exp_dir={exp_dir}", "steps=24", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=4",
             "exp_manager.checkpoint.every_n_steps=8", *overrides]
+
+
+def command(data_dir, exp_dir, *overrides, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            *run_args(data_dir, exp_dir, *overrides)]
 
 
 def losses(exp_dir):
