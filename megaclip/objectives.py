@@ -62,7 +62,8 @@ class ClipObjective(Objective):
     """CLIP's softmax contrastive loss (megaclip.losses.ClipLoss)."""
 
     def __init__(self, model_cfg, dp_group):
-        self.clip_loss = ClipLoss(model_cfg.local_loss, model_cfg.gather_with_grad, group=dp_group)
+        self.clip_loss = ClipLoss(model_cfg.local_loss, model_cfg.gather_with_grad, group=dp_group,
+                                  block_size=model_cfg.get("loss_block_size", 0))  # get: configs saved before the key
 
     def features(self, model, images, tokens):
         return model.encode_image(images), model.encode_text(tokens)
@@ -76,13 +77,13 @@ class SigLipObjective(Objective):
     """SigLIP's sigmoid loss, text features passed round the DP ring (megaclip.sigmoid_loss)."""
 
     def __init__(self, model_cfg, dp_group):
-        self.dp_group = dp_group
+        self.dp_group, self.block_size = dp_group, model_cfg.get("loss_block_size", 0)
 
     def features(self, model, images, tokens):
         return model.encode_image(images), model.encode_text(tokens)
 
     def loss(self, model, features):
-        loss = sigmoid_loss(*features, model.logit_scale.exp(), model.logit_bias, self.dp_group)
+        loss = sigmoid_loss(*features, model.logit_scale.exp(), model.logit_bias, self.dp_group, self.block_size)
         return loss, {"contrastive": loss}
 
 

@@ -14,6 +14,10 @@ block and its B×B logits for backward (open_clip issue #942: memory grows with 
 saves only the local blocks: its backward passes the text blocks round the ring again, each with the
 gradient collected for it so far, recomputes each block's logits, and sends every collected gradient
 to its owner in one message. Hand-written because torch has no ring primitive with that backward.
+
+With ``block_size`` each B×B block of logits is itself taken in tiles of that many rows and columns,
+in forward and in backward, so no more than one tile of logits exists at a time: the memory of the
+loss then grows linearly with B (gradient accumulation makes B the rank's whole batch).
 """
 from __future__ import annotations
 
@@ -25,31 +29,38 @@ import torch.nn.functional as F
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, group=None) -> torch.Tensor:
+                 logit_bias: torch.Tensor, group=None, block_size: int = 0) -> torch.Tensor:
     """Rank r's L_r over the DP ``group`` (None or one rank: the plain loss); logits in fp32 or better,
-    also under autocast (which would run the logit matmuls in bf16)."""
+    also under autocast (which would run the logit matmuls in bf16); ``block_size`` 0: whole blocks."""
     image_features, text_features, logit_scale, logit_bias = (
         t.to(torch.promote_types(t.dtype, torch.float32))
         for t in (image_features, text_features, logit_scale, logit_bias))
     with torch.autocast(image_features.device.type, enabled=False):
-        return RingSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, group)
+        return RingSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, group, block_size)
 
 
-def _block_logits(x, y, scale, bias):
-    return scale * (x @ y.T) + bias
+def _tiles(n: int, tile: int):
+    """(rows, columns) of the tiles of an n×n block; one tile when ``tile`` is 0."""
+    tile = tile or n
+    for r in range(0, n, tile):
+        for c in range(0, n, tile):
+            yield slice(r, min(r + tile, n)), slice(c, min(c + tile, n))
 
 
-def _signs(n: int, positive: bool, like: torch.Tensor) -> torch.Tensor:
-    """z: -1 everywhere, +1 on the diagonal of the block of true pairs."""
-    z = -torch.ones(n, n, dtype=like.dtype, device=like.device)
+def _signs(rows: slice, cols: slice, positive: bool, like: torch.Tensor) -> torch.Tensor:
+    """z of one tile: -1 everywhere, +1 where row and column are the same pair (in the block of true pairs)."""
+    z = -torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=like.dtype, device=like.device)
     if positive:
-        z.diagonal().fill_(1.0)
+        z.diagonal(cols.start - rows.start).fill_(1.0)  # row i, column i: offset by where the tile starts
     return z
 
 
-def _block_loss(x, y, scale, bias, positive: bool) -> torch.Tensor:
-    z = _signs(x.shape[0], positive, x)
-    return -F.logsigmoid(z * _block_logits(x, y, scale, bias)).sum() / x.shape[0]
+def _block_loss(x, y, scale, bias, positive: bool, tile: int) -> torch.Tensor:
+    total = 0.0
+    for rows, cols in _tiles(x.shape[0], tile):
+        z = _signs(rows, cols, positive, x)
+        total = total - F.logsigmoid(z * (scale * (x[rows] @ y[cols].T) + bias)).sum()
+    return total / x.shape[0]
 
 
 class _Ring:
@@ -85,16 +96,16 @@ class RingSigmoidLoss(torch.autograd.Function):
     """L_r and its exact gradients, keeping only (x, y, t, b) for backward (see the module's text)."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, group):
+    def forward(ctx, x, y, scale, bias, group, tile):
         ring = _Ring(group)
-        ctx.ring = ring
+        ctx.ring, ctx.tile = ring, tile
         ctx.save_for_backward(x, y, scale, bias)
-        loss = _block_loss(x, y, scale, bias, positive=True)
+        loss = _block_loss(x, y, scale, bias, positive=True, tile=tile)
         moving = {1: y, -1: y}
         for offsets in ring.schedule():
             for offset, block in zip(offsets, ring.exchange([(moving[o], o) for o in offsets])):
                 moving[offset] = block
-                loss = loss + _block_loss(x, block, scale, bias, positive=False)
+                loss = loss + _block_loss(x, block, scale, bias, positive=False, tile=tile)
         return loss
 
     @staticmethod
@@ -105,14 +116,17 @@ class RingSigmoidLoss(torch.autograd.Function):
 
         def block_grad(block, positive):
             """Adds this block's gradients of x, t and b; returns the gradient of the text block."""
-            logits = _block_logits(x, block, scale, bias)
-            z = _signs(x.shape[0], positive, x)
-            # d/dl of -log σ(z l) is -z σ(-z l); the loss divides by the local batch
-            d_logits = -z * torch.sigmoid(-z * logits) * (grad_loss / x.shape[0])
-            grads["x"] += scale * (d_logits @ block)
-            grads["scale"] += (d_logits * (x @ block.T)).sum()
-            grads["bias"] += d_logits.sum()
-            return scale * (d_logits.T @ x)
+            grad_block = torch.zeros_like(block)
+            for rows, cols in _tiles(x.shape[0], ctx.tile):
+                dots = x[rows] @ block[cols].T
+                z = _signs(rows, cols, positive, x)
+                # d/dl of -log σ(z l) is -z σ(-z l); the loss divides by the local batch
+                d_logits = -z * torch.sigmoid(-z * (scale * dots + bias)) * (grad_loss / x.shape[0])
+                grads["x"][rows] += scale * (d_logits @ block[cols])
+                grads["scale"] += (d_logits * dots).sum()
+                grads["bias"] += d_logits.sum()
+                grad_block[cols] += scale * (d_logits.T @ x[rows])
+            return grad_block
 
         grad_y = block_grad(y, positive=True)
         if ring.size > 1:
@@ -127,4 +141,4 @@ class RingSigmoidLoss(torch.autograd.Function):
             steps = {1: ring.right_steps, -1: ring.left_steps}
             for returned in ring.exchange([(moving[o][1], -o * steps[o]) for o in (1, -1) if steps[o]]):
                 grad_y += returned
-        return grads["x"], grad_y, grads["scale"], grads["bias"], None
+        return grads["x"], grad_y, grads["scale"], grads["bias"], None, None

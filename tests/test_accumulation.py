@@ -1,6 +1,7 @@
 """Gradient accumulation: k micro-batches give the very gradient, loss and update of one step over the whole
-batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP; patch dropout and drop path on),
-and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the replay)."""
+batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP, the tiled losses; patch dropout and
+drop path on), and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the
+replay)."""
 import pytest
 import torch
 
@@ -17,7 +18,10 @@ REGULARISED = ["model.vision.img_h=32", "model.vision.img_w=32", "model.vision.c
                "model.vision.drop_patch_rate=0.5", "model.vision.drop_path_rate=0.5", "model.text.drop_path_rate=0.5"]
 DROPOUT = [f"model.{tower}.{key}=0.2" for tower in ("vision", "text") for key in ("hidden_dropout", "attention_dropout")]
 OBJECTIVES = {"clip-global": [], "clip-local": ["model.local_loss=true"], "siglip": ["model.loss=siglip"],
-              "catlip": ["model.loss=catlip"]}
+              "catlip": ["model.loss=catlip"],
+              # the tiled loss (blocks of 3 do not divide the batch) over the rank's whole batch of features
+              "clip-local-tiled": ["model.local_loss=true", "model.loss_block_size=3"],
+              "siglip-tiled": ["model.loss=siglip", "model.loss_block_size=3"]}
 CLASSES = 8  # CatLIP's head, without a vocabulary
 
 
