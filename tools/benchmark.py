@@ -155,6 +155,9 @@ def main(argv=None) -> None:
                         help="--vs-open-clip: bf16 (open_clip amp_bf16 and pure_bf16, megaclip bf16 O2; default on GPU) "
                              "or fp32 (default on CPU)")
     parser.add_argument("--compile", default="off,on", help="--vs-open-clip: off, on or off,on (default)")
+    parser.add_argument("--compiled-open-clip", default="amp_bf16,pure_bf16",
+                        help="--vs-open-clip, bf16: the open_clip precisions to run compiled (default both; "
+                             "whole-model compilation takes the longest)")
     parser.add_argument("--repeats", type=int, default=5, help="--vs-open-clip: alternating rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=3, help="--vs-open-clip: untimed steps per variant (default 3)")
     parser.add_argument("--layers", type=int, default=None, help="--vs-open-clip: cut both towers to this many layers")

@@ -177,10 +177,11 @@ class Variant:
     times: List[float] = field(default_factory=list)  # seconds per step, one per round
 
 
-def build_variants(cfg, open_clip_name: str, precision: str, compiled: bool, device, warmup: int, batch) -> List[Variant]:
-    megaclip_precision = "bf16 O2" if precision == "bf16" else "fp32"
+def build_variants(cfg, open_clip_name: str, open_clip_precisions: List[str], compiled: bool, device, warmup: int,
+                   batch) -> List[Variant]:
+    megaclip_precision = "fp32" if open_clip_precisions == ["fp32"] else "bf16 O2"
     makers = [("open_clip", p, lambda p=p: OpenClipStep(open_clip_name, p, compiled, device, cfg.model.optim))
-              for p in (("amp_bf16", "pure_bf16") if precision == "bf16" else ("fp32",))]
+              for p in open_clip_precisions]
     makers.append(("megaclip", megaclip_precision, lambda: MegaclipStep(cfg, device, compile_layers=compiled)))
     variants = []
     for library, name, make in makers:
@@ -251,7 +252,9 @@ def compare(args, overrides) -> None:
     batch = random_batch(cfg, batch_size, device)
     summary = []
     for compiled in compiles:
-        variants = build_variants(cfg, open_clip_name, precision, compiled, device, args.warmup, batch)
+        open_clip_precisions = ["fp32"] if precision == "fp32" else args.compiled_open_clip.split(",") if compiled else [
+            "amp_bf16", "pure_bf16"]
+        variants = build_variants(cfg, open_clip_name, open_clip_precisions, compiled, device, args.warmup, batch)
         time_rounds(variants, batch, args.steps or 5, args.repeats, device)
         rate = {id(v): batch_size / statistics.median(v.times) for v in variants}
         megaclip_rate = rate[id(variants[-1])]
