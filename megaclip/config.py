@@ -193,6 +193,9 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     collective_timeout_s: float = 600.0  # longest wait for a peer rank in a collective before the run ends (exit 4)
     max_consecutive_nonfinite: int = 5  # non-finite steps in a row (each skips its update) before the run stops
+    # the host reads the device (non-finite counts, stop signals, the save clock) every this many steps,
+    # and on log and checkpoint steps: a stop signal or a due save waits for the next such step
+    sync_every_n_steps: int = 5
 
 
 @dataclass
@@ -327,7 +330,7 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         _validate_fusion(m, tp)
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
-    for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite"):
+    for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite", "sync_every_n_steps"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
     if cfg.exp_manager.checkpoint.every_n_minutes < 0:

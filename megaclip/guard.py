@@ -8,11 +8,12 @@ that reached it (a signal reaches ranks at different moments, or only some of th
 So every rank contributes three flags and the world takes their maximum: one small all-reduce per
 step on the device. The step's skip never leaves the device: the fused AdamW kernel takes it as its
 ``found_inf`` and leaves weights, moments and step count as they were. The host reads the flags and
-the counts only on the steps the loop asks it to (``read``: log steps, checkpoint steps, the last
-step), so a stop signal or a due wall-clock save takes effect at the first such step after it on
-every rank alike: up to trainer.log_every_n_steps steps later (a preemption's grace period is
-minutes; a GPU step is seconds). A streak of non-finite steps too long is noticed there too; the
-steps in between skip their updates as they come, on the device.
+the counts only on the steps the loop asks it to (``read``: every trainer.sync_every_n_steps, log
+and checkpoint steps), so a stop signal or a due wall-clock save takes effect at the first such step
+after it, on every rank alike: up to sync_every_n_steps (default 5) steps later, which with the
+checkpoint write must fit in the launcher's grace period (torchrun's --shutdown-timeout, 30 s by
+default). A streak of non-finite steps too long is noticed there too; the steps in between skip
+their updates as they come, on the device.
 
 A skipped step still counts as a step, as with AMP's GradScaler: the step counter, the LR schedule
 and the data move on, only the optimizer does not step (its moments and Adam step count stay).

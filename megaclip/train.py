@@ -147,9 +147,9 @@ def train(cfg, world_size: int) -> TrainResult:
                                             optimizer.no_sync)
         every = cfg.exp_manager.checkpoint.every_n_steps
         saving = (every and step % every == 0) or step == t.max_steps
-        # the host reads the device only on log and checkpoint steps: a stop signal waits for the next
-        verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip),
-                              read=saving or step % t.log_every_n_steps == 0)
+        # the host reads the device only every few steps, on log and on checkpoint steps (a stop waits)
+        read = saving or step % t.log_every_n_steps == 0 or step % t.sync_every_n_steps == 0
+        verdict = guard.check(step, loss, optimizer.finish_gradients(m.optim.grad_clip), read=read)
         optimizer.step(skip=verdict.skip)  # a non-finite step keeps the weights; the schedule and data move on
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""The training step reads nothing back from the device except on log and checkpoint steps: no
+"""The training step reads nothing back from the device except on log, checkpoint and sync steps
+(trainer.sync_every_n_steps): no
 ``.item()``, ``.tolist()``, ``.cpu()``, ``bool()``/``float()``/``int()`` of a tensor in between, so a
 GPU never idles while the host waits for it. On CPU every tensor is the host's, so the test counts
 every such read made while the loop is training, by step; it leaves out the reads that make the next
@@ -48,9 +49,9 @@ def train_and_record(overrides, queue):
         distributed.shutdown()
 
 
-def test_the_step_reads_the_device_only_on_log_and_checkpoint_steps(tmp_path):
+def test_the_step_reads_the_device_only_on_log_checkpoint_and_sync_steps(tmp_path):
     overrides = [f"model.data.synthetic_dir={tmp_path / 'data'}", "model.data.synthetic_train_samples=256",
-                 f"exp_manager.exp_dir={tmp_path / 'run'}", "steps=7", "trainer.log_every_n_steps=3",
+                 f"exp_manager.exp_dir={tmp_path / 'run'}", "steps=7", "trainer.log_every_n_steps=3", "trainer.sync_every_n_steps=5",
                  "trainer.val_check_interval=1000", "exp_manager.checkpoint.every_n_steps=0",
                  "model.global_batch_size=16"]
     queue = mp.get_context("fork").Queue()
@@ -60,6 +61,6 @@ def test_the_step_reads_the_device_only_on_log_and_checkpoint_steps(tmp_path):
     child.join(timeout=60)
     assert isinstance(reads, list), reads
     steps_read = {step for step, _, _ in reads}
-    # log steps 3 and 6, and 7: the last, which logs and saves; the reads made there are the log's
-    assert steps_read <= {3, 6, 7}, [r for r in reads if r[0] not in (3, 6, 7)]
-    assert {3, 6, 7} <= steps_read  # the patch sees the reads it should
+    # log steps 3 and 6, sync step 5 (the guard's flags), and 7: the last, which logs and saves
+    assert steps_read <= {3, 5, 6, 7}, [r for r in reads if r[0] not in (3, 5, 6, 7)]
+    assert {3, 5, 6, 7} <= steps_read  # the patch sees the reads it should
