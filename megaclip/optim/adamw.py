@@ -40,10 +40,11 @@ def gradient_buckets(model: nn.Module, optim_cfg, dp_group, tp_group, shard: boo
                            bucket_size_mb=optim_cfg.bucket_size_mb, overlap=optim_cfg.overlap_grad_sync)
 
 
-class SkipOnDevice:
-    """``step(skip=flag)``: torch's fused AdamW takes a device flag as ``found_inf`` (as AMP's
-    GradScaler passes it) and, when it is 1, leaves weights, moments and step count as they were;
-    decided on the device, so skipping a non-finite step needs no host sync."""
+class BucketedAdamW:
+    """What both optimizers add to torch's fused AdamW: their gradients live in ``self.gradients``
+    (GradientBuckets), so ``no_sync()``; and ``step(skip=flag)``: the kernel takes a device flag as
+    ``found_inf`` (as AMP's GradScaler passes it) and, when it is 1, leaves weights, moments and step
+    count as they were; decided on the device, so skipping a non-finite step needs no host sync."""
 
     def step(self, closure=None, skip: Optional[torch.Tensor] = None):
         self.found_inf = skip
@@ -58,7 +59,7 @@ class SkipOnDevice:
         return self.gradients.no_sync()
 
 
-class AdamW(SkipOnDevice, torch.optim.AdamW):
+class AdamW(BucketedAdamW, torch.optim.AdamW):
     """torch's AdamW (fused kernel) on the model's own fp32 parameters, whose gradients live in flat
     buckets averaged over DP while backward runs, with TP-aware clipping: the plain ``fused_adam`` path."""
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from megaclip.distributed import all_gather_into_tensor
-from megaclip.optim.adamw import MOMENTS, SkipOnDevice, bucket_kind, gradient_buckets, new_adam_state
+from megaclip.optim.adamw import MOMENTS, BucketedAdamW, bucket_kind, gradient_buckets, new_adam_state
 
 
-class DistributedFusedAdam(SkipOnDevice, torch.optim.AdamW):
+class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
     def __init__(self, model: nn.Module, optim_cfg, dp_group, tp_group, shard: bool = True):
         self.dp_group, self.tp_group = dp_group, tp_group
         self.gradients = gradient_buckets(model, optim_cfg, dp_group, tp_group, shard)
