@@ -6,13 +6,15 @@ every such read made while the loop is training, by step; it leaves out the read
 batch (the loader works on host data) and the step seed's draw from torch's CPU generator."""
 import multiprocessing as mp
 import os
+import signal
 import traceback
 
 import torch
 
 from megaclip import distributed
 from megaclip.config import load_config
-from tests.distributed import free_port
+from megaclip.guard import NonFiniteError, StepGuard, install_stop_handlers
+from tests.distributed import free_port, run_distributed
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 HOST_DATA = (os.sep + os.path.join("megaclip", "data") + os.sep, os.path.join("torch", "utils", "data"), "draw_step_seed")
@@ -64,3 +66,34 @@ def test_the_step_reads_the_device_only_on_log_checkpoint_and_sync_steps(tmp_pat
     # log steps 3 and 6, sync step 5 (the guard's flags), and 7: the last, which logs and saves
     assert steps_read <= {3, 5, 6, 7}, [r for r in reads if r[0] not in (3, 5, 6, 7)]
     assert {3, 5, 6, 7} <= steps_read  # the patch sees the reads it should
+
+
+def guard_between_reads():
+    """A stop signal on rank 1 at step 2 and a streak of three NaN losses on rank 0 (steps 3 to 5), with
+    the host reading at steps 1, 4 and 6 only."""
+    install_stop_handlers()
+    guard = StepGuard(max_consecutive_nonfinite=3, every_n_minutes=0, device=torch.device("cpu"))
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    out = []
+    for step in range(1, 7):
+        if step == 2 and torch.distributed.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        loss = nan if 3 <= step <= 5 and torch.distributed.get_rank() == 0 else finite
+        try:
+            verdict = guard.check(step, loss, finite, read=step in (1, 4, 6))
+        except NonFiniteError as e:
+            out.append(str(e))
+            break
+        out.append((float(verdict.skip), float(verdict.nonfinite_steps), verdict.stop, guard.consecutive))
+    return out
+
+
+def test_the_guard_agrees_on_device_and_tells_the_host_at_read_steps():
+    for out in run_distributed(guard_between_reads, 2, 1):
+        # every rank skips the steps of rank 0's NaN as they come (the skip and the count stay on the
+        # device); the stop on rank 1 and the host's counts wait for a read step, alike on every rank;
+        # the streak that reached the limit at step 5 ends the run at the next read
+        assert out[:5] == [(0.0, 0.0, False, 0), (0.0, 0.0, False, 0), (1.0, 1.0, False, 0),
+                           (1.0, 2.0, True, 2), (1.0, 3.0, False, 2)]
+        assert out[5].startswith("non-finite loss or gradient norm in 3 consecutive steps (3 to 5; "
+                                 "trainer.max_consecutive_nonfinite=3): stopped at step 6 without saving")
