@@ -21,7 +21,8 @@ from tests.helpers import fixed_batch, full_tensors, small_config
 
 def make_fake_te():
     """``transformer_engine.pytorch`` and ``.common.recipe`` as far as megaclip uses them: Linear with
-    TE's constructor arguments (weight [out, in], bias, return_bias, init_method, params_dtype, device),
+    TE's constructor arguments (weight [out, in], bias, return_bias, init_method, params_dtype, device)
+    and its 2-D view of the input,
     fp8_autocast, DelayedScaling and Format. The Linear records whether FP8 autocast was on, and with
     which format, at each forward."""
     state = {"fp8": None, "calls": []}
@@ -37,9 +38,9 @@ def make_fake_te():
 
         def forward(self, x):
             state["calls"].append(state["fp8"])
-            if self.return_bias:
-                return F.linear(x, self.weight), self.bias
-            return F.linear(x, self.weight, self.bias)
+            flat = x.view(-1, x.shape[-1])  # as TE does: an input that is not contiguous fails here
+            out = F.linear(flat, self.weight, None if self.return_bias else self.bias).view(*x.shape[:-1], -1)
+            return (out, self.bias) if self.return_bias else out
 
     @contextlib.contextmanager
     def fp8_autocast(enabled=True, fp8_recipe=None, **unused):

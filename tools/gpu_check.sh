@@ -40,18 +40,18 @@ install() {
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
 echo "gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') | GPU: ${gpu:-none} | $($PY -c 'import sys, torch; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) | Python {sys.version.split()[0]}")')"
 if [ -d "$WHEELS" ]; then
-    stage "install from $WHEELS/" 60 install
+    stage "install from $WHEELS/" 30 install
 else
     echo "== install: skipped, no $WHEELS/ here (what is installed is used)"
 fi
 
 if [ -n "$gpu" ]; then
-    stage "(c) GPU vs CPU training steps" 40 $PY tools/check_gpu_equality.py --config-name clip_B32 --layers 2 --steps 5 --batch 16
-    stage "(b) memory planner vs allocator" 50 $PY tools/check_planner.py --case clip_B16:256 --case clip_L14:128 --steps 2
+    stage "(c) GPU vs CPU training steps" 60 $PY tools/check_gpu_equality.py --config-name clip_B32 --layers 2 --steps 5 --batch 16
+    stage "(b) memory planner vs allocator" 45 $PY tools/check_planner.py --case clip_B16:256 --case clip_L14:128 --steps 2
     bench="$PY tools/benchmark.py --vs-open-clip --repeats 3 --steps 5 --warmup 3 --compiled-open-clip amp_bf16"
-    stage "(a) open_clip vs megaclip, ViT-B-16 batch 256" 90 $bench --model ViT-B-16 --batch 256
+    stage "(a) open_clip vs megaclip, ViT-B-16 batch 256" 80 $bench --model ViT-B-16 --batch 256
     stage "(a) open_clip vs megaclip, ViT-L-14 batch 128" 100 $bench --model ViT-L-14 --batch 128
-    stage "(a) open_clip vs megaclip, ViT-g-14 batch 32" 130 $bench --model ViT-g-14 --batch 32
+    stage "(a) open_clip vs megaclip, ViT-g-14 batch 32" 140 $bench --model ViT-g-14 --batch 32
 else
     echo "no GPU: each stage below runs its CPU smoke version (tiny config, fp32, compile off)"
     stage "(c) training steps: no GPU, CPU bf16 O2 vs CPU fp32" 120 \

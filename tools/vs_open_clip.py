@@ -115,12 +115,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
+    now = clock(device)
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(iters):
         a @ b
     _sync(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+    return 2 * n ** 3 * iters / (now() - start)
+
+
+def clock(device: torch.device):
+    """Wall-clock time on a GPU (after synchronising); on CPU the process's CPU time, which a shared
+    machine's other load does not inflate (with one thread it is the wall-clock time of an idle machine)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
 
 
 def _sync(device: torch.device) -> None:
@@ -200,17 +207,18 @@ def _allocated(device) -> int:
 
 
 def time_rounds(variants: List[Variant], batch, steps: int, repeats: int, device) -> None:
+    now = clock(device)
     for r in range(repeats):
         for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             before = _allocated(device)
             _sync(device)
-            start = time.perf_counter()
+            start = now()
             for _ in range(steps):
                 variant.step(*batch)
             _sync(device)
-            variant.times.append((time.perf_counter() - start) / steps)
+            variant.times.append((now() - start) / steps)
             if device.type == "cuda":
                 variant.peak = max(variant.peak, variant.persistent + torch.cuda.max_memory_allocated(device) - before)
 
@@ -246,7 +254,8 @@ def compare(args, overrides) -> None:
     print(f"model FLOPs per sample (training, 3 x forward): {flops / 1e9:.3f} G; forward formula / torch FlopCounterMode "
           f"(one layer per tower): {formula / counted:.4f}")
     print(f"{'bf16' if precision == 'bf16' else 'fp32'} matmul peak measured: {peak / 1e12:.3g} TFLOP/s; "
-          f"{args.repeats} alternating rounds of {args.steps or 5} steps, {args.warmup} warm-up steps, median")
+          f"{args.repeats} alternating rounds of {args.steps or 5} steps, {args.warmup} warm-up steps, median "
+          f"{'wall-clock' if device.type == 'cuda' else 'process CPU'} time")
     print("| library | precision | compile | samples/s | samples/s per GPU | model TFLOP/s | MFU | peak memory (GiB) "
           "| megaclip / this |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     batch = random_batch(cfg, batch_size, device)

@@ -121,9 +121,9 @@ def _te_linear_class_for(te_linear: type) -> type:
                 elif self.megaclip_tp > 1:
                     x = copy_to_tensor_model_parallel_region(x)
                 with fp8_context(self.megaclip_fp8):
-                    return super().forward(x)
+                    return super().forward(x.contiguous())  # TE views its input as 2-D; the gather returns a transpose
             with fp8_context(self.megaclip_fp8):
-                out, bias = super().forward(x)
+                out, bias = super().forward(x.contiguous())
             if self.megaclip_sequence_parallel:
                 out = reduce_scatter_sequence(out)
             elif self.megaclip_tp > 1:
