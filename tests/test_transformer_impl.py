@@ -14,7 +14,9 @@ from megaclip import distributed
 from megaclip.config import ConfigError, validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.model.parallel import ColumnLinear, RowLinear, TorchLinear, allreduce_sequence_parallel_grads
+from megaclip.model.parallel import (ColumnLinear, RowLinear, TorchLinear, allreduce_sequence_parallel_grads,
+                                     is_tensor_parallel)
+from megaclip.model.state import partition_dim
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
@@ -35,6 +37,8 @@ def make_fake_te():
             self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device=device))
             self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=params_dtype, device=device)) if bias else None
             init_method(self.weight)
+            # TE marks every weight tensor-parallel along dim 0, whatever its parallel mode
+            self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 0, 1
 
         def forward(self, x):
             state["calls"].append(state["fp8"])
@@ -127,6 +131,10 @@ def loss_and_tensors(overrides, fake_te_calls=None):
     loss = ClipLoss()(*model(*fixed_batch(cfg, 4)))
     loss.backward()
     allreduce_sequence_parallel_grads(model.parameters(), distributed.tp_group())
+    # megatron-core's tensor-parallel marks where TP > 1 splits a parameter, none at TP=1 (as nn.Linear)
+    for name, p in model.named_parameters():
+        expected = partition_dim(name) if distributed.tp_size() > 1 else None
+        assert (p.partition_dim if is_tensor_parallel(p) else None) == expected, name
     return loss.item(), full_tensors(model, cfg), classes, fake_te_calls
 
 

@@ -85,10 +85,11 @@ def build_te_linear(kind: str, in_features: int, out_features: int, bias: bool, 
         layer.weight.copy_(full.chunk(tp, split)[tp_rank])
         if bias:
             layer.bias.zero_()
-    if tp > 1:  # megatron-core's marks, which gathering and the gradient norm read (not at TP=1, like nn.Linear)
-        _mark_tensor_parallel(layer.weight, split)
-        if bias and kind == "column":
-            _mark_tensor_parallel(layer.bias, 0)
+    # TE marks its weights tensor-parallel along dim 0 whatever the layout; megatron-core's marks instead
+    # (which gathering and the gradient norm read), and none at TP=1, as on nn.Linear
+    _mark_tensor_parallel(layer.weight, split if tp > 1 else None)
+    if bias:
+        _mark_tensor_parallel(layer.bias, 0 if tp > 1 and kind == "column" else None)
     return layer
 
 
@@ -98,8 +99,10 @@ def _leave_as_is(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _mark_tensor_parallel(param: torch.Tensor, dim: int) -> None:
-    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+def _mark_tensor_parallel(param: torch.Tensor, dim) -> None:
+    param.tensor_model_parallel = dim is not None
+    if dim is not None:
+        param.partition_dim, param.partition_stride = dim, 1
 
 
 @functools.lru_cache(maxsize=None)
