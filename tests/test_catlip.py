@@ -188,8 +188,8 @@ def catlip_parameters_and_bytes(vocabulary, overrides):
 
 @pytest.mark.parametrize("world,tp,overrides", [
     (1, 1, []), (1, 1, ["precision=bf16", "model.megatron_amp_O2=true"]),
-    (2, 2, ["precision=bf16", "model.megatron_amp_O2=true"]), (2, 1, []),
-], ids=["fp32", "bf16-O2", "tp2-O2", "dp2"])
+    (2, 2, ["precision=bf16", "model.megatron_amp_O2=true"]),
+], ids=["fp32", "bf16-O2", "tp2-O2"])
 def test_planner_counts_the_head_and_no_text_tower(tmp_path, world, tp, overrides):
     """The planner's parameter shapes, bytes held after a step (plain fused_adam: the distributed
     optimizer's buckets come from the same shapes, as tests/test_memory.py checks) and activation peak."""
