@@ -46,11 +46,13 @@ SETTINGS = {  # name -> config overrides
 
 
 class MegaclipStep:
-    """megaclip's training step as megaclip.train runs it, on given batches (one micro-batch; without
-    the loop's non-finite guard, logging and schedule)."""
+    """megaclip's training step as megaclip.train runs it, on given batches: one micro-batch, the
+    non-finite guard on the device (its host read left out, as on the loop's steps between reads),
+    no logging or schedule."""
 
     def __init__(self, cfg, device, compile_layers: bool = False):
         from megaclip import distributed, precision
+        from megaclip.guard import StepGuard
         from megaclip.model import CLIPModel
         from megaclip.objectives import build_objective
         from megaclip.optim import build_optimizer
@@ -65,14 +67,18 @@ class MegaclipStep:
         self.objective = build_objective(cfg.model, distributed.dp_group())
         self.autocast = precision.autocast(cfg, device)
         self.device = device
+        self.guard = StepGuard(max_consecutive_nonfinite=cfg.trainer.max_consecutive_nonfinite, every_n_minutes=0,
+                               device=device)
+        self.steps = 0
 
     def __call__(self, images, tokens):
         from megaclip import accumulation
 
+        self.steps += 1
         with self.autocast:
-            loss, _ = accumulation.step(self.objective, self.model, images, tokens, 1, self.device)
-        self.optimizer.finish_gradients(self.cfg.model.optim.grad_clip)
-        self.optimizer.step()
+            loss, _ = accumulation.step(self.objective, self.model, images, tokens, 1, self.device, self.optimizer.no_sync)
+        norm = self.optimizer.finish_gradients(self.cfg.model.optim.grad_clip)
+        self.optimizer.step(skip=self.guard.check(self.steps, loss, norm, read=False).skip)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
         return loss

@@ -111,7 +111,7 @@ def counted_forward_flops(cfg) -> int:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in ``dtype``: the peak that MFU is measured against."""
-    n, iters = (8192, 50) if device.type == "cuda" else (1024, 5)
+    n, iters = (8192, 50) if device.type == "cuda" else (2048, 5)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
