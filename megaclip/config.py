@@ -394,7 +394,11 @@ def _validate_fusion(m: Any, tp: int) -> None:
         raise ConfigError(f"model.fusion.num_layers needs a contrastive loss (clip or siglip), not model.loss={m.loss}")
     from megaclip.model.fusion import fusion_config  # the text tower's settings where the fusion keys are null
 
-    _validate_tower("fusion", fusion_config(m), tp)
+    fusion = fusion_config(m)
+    if fusion.hidden_size % fusion.num_attention_heads:  # the fusion layers are as wide as the text tower
+        raise ConfigError(f"model.fusion.num_attention_heads {fusion.num_attention_heads} does not divide the text "
+                          f"width model.text.hidden_size {fusion.hidden_size}")
+    _validate_tower("fusion", fusion, tp)
     if m.fusion.itm_weight and m.global_batch_size < 2:
         raise ConfigError("model.fusion.itm_weight > 0 draws each sample's negative from the others: global_batch_size must be >= 2")
     if m.sequence_parallel and not m.fusion.causal and m.text.encoder_seq_length % tp:

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from megaclip import distributed
+from megaclip.config import ConfigError, validate
+from megaclip.convert.open_clip import to_open_clip
 from megaclip.exchange import fetch_rows
 from megaclip.fusion_objective import draw_negatives, sample_hard_negatives
 from megaclip.model import CLIPModel
@@ -171,3 +173,28 @@ def test_inference_api():
     assert embedding.shape == (3, cfg.model.text.hidden_size)
     # a pair's score does not depend on the other pairs in the batch
     torch.testing.assert_close(model.match_probability(images[:1], tokens[:1]), p[:1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.loss=catlip"], "model.fusion.num_layers needs a contrastive loss"),
+    (["model.fusion.num_attention_heads=3"], "model.fusion.num_attention_heads 3 does not divide the text width"),
+    (["tp=4", "model.fusion.num_attention_heads=2"], "model.fusion.num_attention_heads 2 is not divisible by tensor_model"),
+    (["gbs=1"], "global_batch_size must be >= 2"),
+    (["model.fusion.rerank_k=0"], "model.fusion.rerank_k must be >= 1"),
+])
+def test_bad_fusion_settings_are_one_line(overrides, message):
+    cfg = small_config("model.fusion.num_layers=1", "model.vision.encoder_seq_length=null", *overrides)
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(cfg, cfg.model.tensor_model_parallel_size, data=False)
+    assert "\n" not in str(e.value)
+
+
+def test_exports_leave_the_fusion_layers_out_and_say_so(capsys):
+    cfg = small_config(*FUSION, "model.text.tokenizer.library=clip_bpe", "model.text.vocab_size=49408",
+                       "model.text.encoder_seq_length=77")
+    full = {name: p.detach() for name, p in CLIPModel(cfg.model).named_parameters()}
+    dual = to_open_clip(full, cfg.model)
+    assert not any("fusion" in name for name in dual)
+    assert capsys.readouterr().out.strip() == (
+        "open_clip CLIP models have no fusion layers: exporting the dual encoder, "
+        f"{sum(name.startswith('fusion.') for name in full)} fusion-layer tensors (model.fusion) left out")
