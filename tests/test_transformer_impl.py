@@ -143,8 +143,11 @@ def local_tp1():
     return run_distributed(loss_and_tensors, 1, 1, [])[0]
 
 
-@pytest.mark.parametrize("tp,extra", [(1, []), (2, []), (2, ["model.sequence_parallel=true"]), (1, ["model.fp8=hybrid"])],
-                         ids=["tp1", "tp2", "tp2_sp", "tp1_fp8"])
+@pytest.mark.parametrize("tp,extra", [
+    (1, []), (2, []), (2, ["model.sequence_parallel=true"]), (1, ["model.fp8=hybrid"]),
+    # flash-attn's switch beside TE's linears (on CPU it falls back to SDPA, saying so)
+    (2, ["model.vision.use_flash_attention=true", "model.text.use_flash_attention=true"]),
+], ids=["tp1", "tp2", "tp2_sp", "tp1_fp8", "tp2_flash_switch"])
 def test_te_linears_build_the_same_model(local_tp1, fake_te, tp, extra):
     ref_loss, ref_tensors, _, _ = local_tp1
     for loss, tensors, classes, fp8_calls in run_distributed(loss_and_tensors, tp, tp, ["model.transformer_impl=te", *extra],
