@@ -120,3 +120,17 @@ def test_a_second_backward_outside_no_sync_is_refused():
 def test_bucket_size_is_validated():
     with pytest.raises(ConfigError, match=re.escape("model.optim.bucket_size_mb must be > 0, got 0")):
         validate(load_config("clip_tiny", ["model.optim.bucket_size_mb=0"]), world_size=1, data=False)
+
+
+def test_an_optimizer_built_again_on_a_model_takes_it_over():
+    cfg = small_config()
+    model = CLIPModel(cfg.model)
+    images, tokens = fixed_batch(cfg, 4)
+    build_optimizer(model, cfg.model)
+    optimizer = build_optimizer(model, cfg.model)  # the first one's hooks are gone with its buckets
+    for _ in range(2):
+        ClipLoss()(*model(images, tokens)).backward()
+        optimizer.finish_gradients(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.grad.data_ptr() == p.main_grad.data_ptr() for p in model.parameters())

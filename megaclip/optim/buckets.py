@@ -92,7 +92,9 @@ class GradientBuckets:
         self._tp_mask = torch.tensor([float(b.tensor_parallel) for b in self.buckets], device=device)
         for b in self.buckets:
             for _, p in b.params:
-                p.register_post_accumulate_grad_hook(self._gradient_ready)
+                if hasattr(p, "gradient_hook"):  # a model serves one optimizer's buckets: the last built
+                    p.gradient_hook.remove()
+                p.gradient_hook = p.register_post_accumulate_grad_hook(self._gradient_ready)
 
     @torch.no_grad()
     def _new_bucket(self, params) -> Bucket:
