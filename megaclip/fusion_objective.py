@@ -26,12 +26,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+# megaclip's modules first: megaclip.distributed imports megatron-core with a clear message when triton is missing
 from megaclip.exchange import fetch_rows
 from megaclip.losses import gather_features
 from megaclip.model.fusion import caption_logits
 from megaclip.objectives import Objective
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def draw_negatives(logits: torch.Tensor, own: torch.Tensor, caption_id: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -59,8 +61,6 @@ def sample_hard_negatives(image_logits, text_logits, own, caption_id, uniforms):
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of ``targets`` under logits split over the vocabulary."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         return vocab_parallel_cross_entropy(logits.float(), targets)
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")

@@ -13,15 +13,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from omegaconf import OmegaConf
 from torch import nn
 
+# megaclip's modules first: megaclip.distributed imports megatron-core with a clear message when triton is missing
 from megaclip.model.attention import attention
 from megaclip.model.parallel import Linears, TorchLinear, mark_sequence_parallel, normal_init, scatter_sequence
 from megaclip.model.text import pool_end_of_text
 from megaclip.model.transformer import MLP, Attention, ParallelTransformer
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 
 def fusion_config(model_cfg):
