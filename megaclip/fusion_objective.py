@@ -6,9 +6,10 @@ matching (ITM) on hard negatives and causal captioning, both through the fusion 
   softmax of the contrastive logits, never the positive (nor a sample with the very same caption,
   which would be a positive under another name). Each rank draws for its own rows (its rows of the
   logits against the DP-gathered features: local-by-global, as CLIP's local loss) by the inverse CDF
-  at uniforms drawn for the whole global batch from torch's global generator, which every rank seeds
-  alike and consumes alike (as the regularisers do): every TP rank draws the same negatives without
-  communicating, checkpoints carry the generator, and any TP/DP layout draws what one process draws.
+  at uniforms drawn for the whole global batch as the regularisers draw (the optimizer step's
+  generator, or torch's global one; either is seeded and consumed alike on every rank): every TP rank
+  draws the same negatives without communicating, a resumed run draws the same, and any TP/DP layout
+  draws what one process draws.
   The drawn rows reach the rank that scores them by one all_to_all (megaclip.exchange). The loss is
   the cross-entropy over (positives, image-side negatives, text-side negatives).
 - Captioning: the text tower is causal already, so a second pass through the few fusion layers with a
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from megaclip.exchange import fetch_rows
 from megaclip.losses import gather_features
 from megaclip.model.fusion import caption_logits
+from megaclip.model.regularisers import rows_of_global_batch
 from megaclip.objectives import Objective
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -108,9 +110,9 @@ class FusionObjective(Objective):
             _, caption_id = torch.unique(all_tokens, dim=0, return_inverse=True)
             scale = model.logit_scale.exp().float()
             image_features, text_features = image_features.float(), text_features.float()
-            # drawn for the whole global batch (the generator stays alike on every rank); this rank's rows used
             own = torch.arange(rank * batch, (rank + 1) * batch, device=tokens.device)
-            uniforms = torch.rand(2, size * batch)[:, rank * batch:(rank + 1) * batch].to(tokens.device)
+            uniforms = rows_of_global_batch(lambda rows, g: torch.rand(rows, 2, generator=g, device=tokens.device),
+                                            batch, tokens.device).T
             text_for_image, image_for_text = self.sample_negatives(
                 scale * image_features @ gather(text_features).T, scale * text_features @ gather(image_features).T,
                 own, caption_id, uniforms)
