@@ -7,12 +7,12 @@ Each run is its own process (its own process group: NCCL on the GPU, gloo on the
 and saves its per-step losses and the first step's gradients. One table compares
 
 - GPU fp32 (TF32 off) with CPU fp32: the same arithmetic in other kernels, i.e. other summation
-  orders. A reordered fp32 sum of n products moves by ~sqrt(n)·eps of its terms; with n up to ~1e4
-  (batch × tokens, or width) that is ~1e-5 relative, for the first step's gradient (measured over the
-  whole model, where the attention key bias, zero in exact arithmetic and pure rounding noise, weighs
-  nothing) and the loss. Over the steps Adam's update, g/(|g| + eps), carries a gradient's relative
-  error into the weights unchanged (or less) except where |g| is near eps, so the losses stay within
-  10 × that: 1e-4.
+  orders. A reordered fp32 sum of n products moves by ~sqrt(n)·eps of its terms; with n up to ~1e5
+  (batch × tokens × width) that is ~4e-5 relative (tests/test_open_clip_step.py's bound between
+  megaclip's and open_clip's kernels), for the first step's gradient (measured over the whole model,
+  where the attention key bias, zero in exact arithmetic and pure rounding noise, weighs nothing).
+  Over the steps Adam's update, g/(|g| + eps), carries a gradient's relative error into the weights
+  unchanged (or less) except where |g| is near eps, and the loss follows the weights: within 1e-4.
 - GPU bf16 O2 with CPU bf16 O2, and with CPU fp32: bf16 keeps 8 significant bits (each rounding errs by
   up to 2^-9 ≈ 0.2 %), activations are rounded at every layer and the weights after every step: a few
   percent through the layers. The bound is tests/test_scale.py's for O2 against fp32 on CPU: losses
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 PRECISIONS = {"fp32": ["precision=32", "model.megatron_amp_O2=false"], "bf16 O2": ["precision=bf16", "model.megatron_amp_O2=true"]}
 # (device under test, its precision, reference device, reference precision, loss tolerance, gradient tolerance)
-COMPARISONS = [("cuda", "fp32", "cpu", "fp32", 1e-4, 1e-5), ("cuda", "bf16 O2", "cpu", "bf16 O2", 0.05, 0.05),
+COMPARISONS = [("cuda", "fp32", "cpu", "fp32", 1e-4, 4e-5), ("cuda", "bf16 O2", "cpu", "bf16 O2", 0.05, 0.05),
                ("cuda", "bf16 O2", "cpu", "fp32", 0.05, 0.05)]
 
 
