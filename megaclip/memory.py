@@ -60,12 +60,21 @@ LN's input T·h·r and stats 8·T, the pooled rows b·h·c (vision's class token
 of ln_post's output, T·h·r, unless autocast saves a bf16 copy or global average pooling a new tensor)
 and the projection output b·o·c; the head is freed before the backward reaches the layers.
 The loss, fp32, over N = d·b samples with R = b (local_loss) or N rows, keeps the normalised features
-of the DP batch 2·N·o·4 and both directions' log-softmax 2·R·N·4; its backward adds 2·R·N·4.
+of the DP batch 2·N·o·4 and both directions' log-softmax 2·R·N·4; its backward adds 2·R·N·4. Tiled
+(model.loss_block_size l) it keeps the features (twice for local_loss: its columns rolled) and the
+per-row log-sum-exps 2·R·4; its backward adds the feature gradients 2·N·o·4 + 2·R·o·4 and one block's
+logits, probabilities and product 3·l²·4 (an estimate: within 10 % of the live bytes on CPU).
 SigLIP's loss (megaclip.sigmoid_loss) keeps only the local features 2·b·o·4, whatever d; its backward
-adds the feature gradients 2·b·o·4, one block's logits and their gradient terms 3·b²·4, and per stream
-round the ring (min(d - 1, 2)) the message [block, its gradient] sent and the one received, 4·b·o·4.
-(An estimate from the loss's code, not matched to live tensors as the rest is: it is a few b×o and b×b
-tensors, far below a tower's activations.)
+adds the feature gradients 2·b·o·4, one block's (or with l, one tile's) logits and the terms of their
+gradient 6·b²·4 (6·l²·4), and per stream round the ring (min(d - 1, 2)) the message [block, its
+gradient] sent and the one received, 4·b·o·4 (matched to live bytes at d = 1 within 0.3 %).
+Gradient accumulation (k micro-batches of b, megaclip.accumulation): CatLIP's per-sample loss runs per
+micro-batch, so its activations are one micro-batch's. The contrastive losses run GradCache: the loss
+over the rank's batch K = k·b (the terms above with b = K) runs alone next to the cached features of
+the K samples (2·K·o·c; with fusion also their image tokens, text states and token ids), then the
+towers run one micro-batch at a time next to the features and their gradients:
+    activations = copies + max(cached + loss(K) + loss backward(K), 2·cached + towers' peak of one b)
+(matched to live bytes within 1.2 % on CPU, with either side the peak).
 The fusion terms (model.fusion) are counted with the loss, as an estimate (``_fusion``).
 CatLIP's loss keeps the multi-hot targets 4·b·C and the rank's logits in fp32 4·b·C/t (computed in the
 model dtype and cast, the cast kept); its backward adds their gradient twice over, 8·b·C/t; then the
@@ -97,7 +106,7 @@ from megaclip.data.synset_vocab import planned_class_count
 from megaclip.model.parallel import padded_vocab_size
 from megaclip.model.regularisers import kept_patch_count
 from megaclip.model.state import partition_dim
-from megaclip.objectives import requirements
+from megaclip.objectives import per_sample, requirements
 from megaclip.precision import FP32_SCALARS
 from megaclip.optim.adamw import no_weight_decay
 from megaclip.optim.buckets import bucket_layout
@@ -146,6 +155,7 @@ class Layout:
     tp: int = 1
     dp: int = 1
     micro_batch: int = 1
+    micro_batches: int = 1  # per optimizer step (gradient accumulation): the rank's batch is their product
     precision: str = "bf16"  # 32 | bf16
     o2: bool = False  # bf16 weights, fp32 master weights in the optimizer
     optimizer: str = "fused_adam"
@@ -156,7 +166,8 @@ class Layout:
     @classmethod
     def from_config(cls, cfg, dp: int = 1) -> "Layout":
         m = cfg.model
-        return cls(tp=m.tensor_model_parallel_size, dp=dp, micro_batch=m.micro_batch_size or m.global_batch_size // dp,
+        micro = m.micro_batch_size or m.global_batch_size // dp
+        return cls(tp=m.tensor_model_parallel_size, dp=dp, micro_batch=micro, micro_batches=max(1, m.global_batch_size // dp // micro),
                    precision=cfg.trainer.precision, o2=m.megatron_amp_O2, optimizer=m.optim.name,
                    sequence_parallel=m.sequence_parallel, vision_checkpointing=Checkpointing.of_tower(m.vision),
                    text_checkpointing=Checkpointing.of_tower(m.text))
@@ -410,11 +421,42 @@ def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
         c = _activation_bytes_per_element(model_cfg, layout).compute
         head_backward = b * local * c + local * o * (c + (4 if layout.autocast else 0)) + local * c
         return kept, max(8 * b * local, head_backward - kept)
+    block = model_cfg.get("loss_block_size", 0)  # configs saved before the key have none
     if model_cfg.loss == "siglip":
-        return 2 * b * o * 4, 2 * b * o * 4 + 3 * b * b * 4 + min(layout.dp - 1, 2) * 4 * b * o * 4
+        tile = min(block or b, b)
+        return 2 * b * o * 4, 2 * b * o * 4 + 6 * tile * tile * 4 + min(layout.dp - 1, 2) * 4 * b * o * 4
     samples = layout.dp * layout.micro_batch
     rows = layout.micro_batch if model_cfg.local_loss else samples
-    return 2 * samples * model_cfg.output_dim * 4 + 2 * rows * samples * 4, 2 * rows * samples * 4
+    features = 2 * samples * o * 4
+    if block:  # per-row log-sum-exps instead of logits (the local loss keeps its columns rolled, a copy)
+        tile = min(block, samples)
+        kept = features * (2 if model_cfg.local_loss else 1) + 2 * rows * 4
+        return kept, features + 2 * rows * o * 4 + 3 * tile * tile * 4
+    return features + 2 * rows * samples * 4, 2 * rows * samples * 4
+
+
+def _grad_cache(model_cfg, layout: Layout) -> bool:
+    """Accumulation by cached features (megaclip.accumulation): more than one micro-batch of a contrastive loss."""
+    return layout.micro_batches > 1 and not per_sample(model_cfg)
+
+
+def _loss_layout(model_cfg, layout: Layout) -> Layout:
+    """The layout the loss sees: under GradCache its batch is the rank's whole batch."""
+    if not _grad_cache(model_cfg, layout):
+        return layout
+    return layout.replace(micro_batch=layout.micro_batch * layout.micro_batches, micro_batches=1)
+
+
+def _cached_features(model_cfg, layout: Layout, e: _Bytes) -> int:
+    """GradCache's features of the rank's batch, in the model's dtype (their gradients as many again):
+    both embeddings, and for fusion the image tokens, the text states and the token ids."""
+    batch = layout.micro_batch * layout.micro_batches
+    cached = 2 * batch * model_cfg.output_dim * e.compute
+    if _fusion_layers(model_cfg):
+        v, t = model_cfg.vision, model_cfg.text
+        cached += batch * (_trained_sequence(v, True) * v.hidden_size + t.encoder_seq_length * t.hidden_size) * e.compute
+        cached += 8 * batch * t.encoder_seq_length
+    return cached
 
 
 def _fusion(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
@@ -446,8 +488,19 @@ def activation_bytes(model_cfg, layout: Layout) -> Activations:
     e = _activation_bytes_per_element(model_cfg, layout)
     vision = _tower(model_cfg.vision, model_cfg.output_dim, layout.vision_checkpointing, layout, e, vision=True)
     text = _text_tower(model_cfg, layout.text_checkpointing, layout, e)
-    loss = tuple(a + b for a, b in zip(_loss(model_cfg, layout), _fusion(model_cfg, layout, e)))
-    return Activations(vision[0], text[0], loss[0], _peak(_autocast_copies(model_cfg, layout), vision, text, loss))
+    loss_layout = _loss_layout(model_cfg, layout)
+    loss = tuple(a + b for a, b in zip(_loss(model_cfg, loss_layout), _fusion(model_cfg, loss_layout, e)))
+    return Activations(vision[0], text[0], loss[0], _step_peak(model_cfg, layout, vision, text, loss))
+
+
+def _step_peak(model_cfg, layout: Layout, vision: Tuple[int, int], text: Tuple[int, int], loss: Tuple[int, int]) -> int:
+    """``_peak`` of a micro-batch; under GradCache the loss runs alone over the cached features (pass 2),
+    then the towers a micro-batch at a time beside the features and their gradients (pass 3)."""
+    copies = _autocast_copies(model_cfg, layout)
+    if not _grad_cache(model_cfg, layout):
+        return _peak(copies, vision, text, loss)
+    cached = _cached_features(model_cfg, layout, _activation_bytes_per_element(model_cfg, layout))
+    return copies + max(cached + loss[0] + loss[1], 2 * cached + _peak(0, vision, text, (0, 0)))
 
 
 def _towers(model_cfg) -> Tuple[str, ...]:
@@ -530,7 +583,8 @@ def least_recompute_fit(cfg, layout: Layout, budget: int) -> Fit:
     m = cfg.model
     static = plan_memory(cfg, layout.replace(vision_checkpointing=Checkpointing(), text_checkpointing=Checkpointing()))
     e = _activation_bytes_per_element(m, layout)
-    loss, copies = _loss(m, layout), _autocast_copies(m, layout)
+    loss_layout = _loss_layout(m, layout)
+    loss = tuple(a + b for a, b in zip(_loss(m, loss_layout), _fusion(m, loss_layout, e)))
     towers = {"text": [(Checkpointing(), 0, (0, 0))]}  # CatLIP builds no text tower
     for name in _towers(m):
         tower, layers = m[name], m[name].num_layers
@@ -543,7 +597,7 @@ def least_recompute_fit(cfg, layout: Layout, budget: int) -> Fit:
 
     def attempt(vision_option, text_option) -> Fit:
         (vision_ckpt, vision_flops, vision), (text_ckpt, text_flops, text) = vision_option, text_option
-        plan = dataclasses.replace(static, activations=_peak(copies, vision, text, loss))
+        plan = dataclasses.replace(static, activations=_step_peak(m, layout, vision, text, loss))
         trial = layout.replace(vision_checkpointing=vision_ckpt, text_checkpointing=text_ckpt)
         return Fit(trial, plan, (vision_flops + text_flops) / total_flops, plan.total <= budget)
 

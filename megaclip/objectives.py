@@ -103,8 +103,16 @@ class CatLipObjective(Objective):
         return loss, {"classification": loss}
 
 
+CLASSES = {"clip": ClipObjective, "siglip": SigLipObjective, "catlip": CatLipObjective}
+
+
+def per_sample(model_cfg) -> bool:
+    """Whether model.loss is a mean of per-sample terms (accumulated plainly, without cached features)."""
+    return CLASSES[model_cfg.get("loss", "clip")].per_sample
+
+
 def build_objective(model_cfg, dp_group):
-    objective = {"clip": ClipObjective, "siglip": SigLipObjective, "catlip": CatLipObjective}[model_cfg.loss](model_cfg, dp_group)
+    objective = CLASSES[model_cfg.loss](model_cfg, dp_group)
     if model_cfg.fusion.num_layers:  # the contrastive loss plus the fusion layers' terms
         from megaclip.fusion_objective import FusionObjective  # it builds on Objective, defined here
 

@@ -6,6 +6,11 @@
         --optimizer distributed_fused_adam
     python tools/plan_memory.py --fit --config-name clip_e14 --gpus-per-node 8 --nodes 128 \\
         --precision bf16 --o2 --optimizer distributed_fused_adam
+    python tools/plan_memory.py --config-name clip_L14 --micro-batch 128 --micro-batches 512 \\
+        --precision bf16 --o2 model.loss_block_size=4096
+
+--fit proposes gradient accumulation (micro-batches of a half, a quarter, ... of the rank's batch) for a
+layout that nothing else makes fit.
 
 Unset options come from the config. Trailing key=value overrides apply to the config (to every config
 with --table), e.g. model.vision.num_attention_heads=16. The formulas are in megaclip/memory.py.
@@ -32,7 +37,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     config.add_argument("--config", dest="config", help="a config YAML file")
     p.add_argument("--tp", type=int, help="tensor-parallel size")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
-    p.add_argument("--micro-batch", type=int, help="samples per GPU per step (default: the config's, or global / dp)")
+    p.add_argument("--micro-batch", type=int, help="samples per GPU per micro step (default: the config's, or global / dp)")
+    p.add_argument("--micro-batches", type=int,
+                   help="micro steps per optimizer step, gradient accumulation (default: the config's; 1 with --micro-batch)")
     p.add_argument("--precision", choices=["32", "bf16"])
     p.add_argument("--o2", action=argparse.BooleanOptionalAction, help="bf16 weights, fp32 master weights")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
@@ -56,8 +63,9 @@ def layout_for(args: argparse.Namespace, cfg, tp: Optional[int] = None, dp: Opti
     """The config's layout with the command line's choices on top."""
     dp = dp or args.dp
     layout = Layout.from_config(cfg, dp)
-    changes = dict(tp=tp or args.tp, micro_batch=args.micro_batch, precision=args.precision, o2=args.o2,
-                   optimizer=args.optimizer, sequence_parallel=args.sequence_parallel)
+    micro_batches = args.micro_batches or (1 if args.micro_batch else None)
+    changes = dict(tp=tp or args.tp, micro_batch=args.micro_batch, micro_batches=micro_batches, precision=args.precision,
+                   o2=args.o2, optimizer=args.optimizer, sequence_parallel=args.sequence_parallel)
     if args.checkpoint:
         method = None if args.checkpoint == "none" else args.checkpoint
         changes.update(vision_checkpointing=Checkpointing(method, args.checkpoint_layers),
@@ -78,7 +86,8 @@ def precision_name(layout: Layout) -> str:
 
 
 def describe(layout: Layout) -> str:
-    return (f"{precision_name(layout)}, {layout.optimizer}, micro batch {layout.micro_batch}, "
+    accumulation = f" x {layout.micro_batches} micro-batches" if layout.micro_batches > 1 else ""
+    return (f"{precision_name(layout)}, {layout.optimizer}, micro batch {layout.micro_batch}{accumulation}, "
             f"sequence parallel {'on' if layout.sequence_parallel else 'off'}, checkpointing vision "
             f"{checkpointing(layout.vision_checkpointing)}, text {checkpointing(layout.text_checkpointing)}")
 
@@ -156,8 +165,8 @@ def show_fit(args: argparse.Namespace) -> None:
     print(f"{args.config} on {args.nodes} x {args.gpus_per_node} = {gpus} GPUs, "
           f"{precision_name(base)}, {base.optimizer}; "
           f"budget {gib(budget(args))} GiB per GPU ({args.gpu_gb:g} GiB less {args.headroom:.0%} headroom)")
-    print(f"{'tp':>3} {'dp':>6} {'micro':>6} {'seq-par':>8}  {'vision ckpt':12} {'text ckpt':12} {'GiB':>6}  "
-          "recomputed")
+    print(f"{'tp':>3} {'dp':>6} {'micro':>6} {'accum':>5} {'seq-par':>8}  {'vision ckpt':12} {'text ckpt':12} "
+          f"{'GiB':>6}  recomputed")
     tp = 1
     while tp <= args.gpus_per_node:
         show_fit_row(args, cfg, tp, gpus // tp)
@@ -169,23 +178,33 @@ def show_fit_row(args: argparse.Namespace, cfg, tp: int, dp: int) -> None:
         print(f"{tp:>3} {dp:>6}  global batch {cfg.model.global_batch_size} is not divisible by dp")
         return
     layout = layout_for(args, cfg, tp=tp, dp=dp)
-    micro = layout.micro_batch
-    options = []
-    for sequence_parallel in (False, True):
-        candidate = layout.replace(sequence_parallel=sequence_parallel)
-        problem = layout_problem(cfg.model, candidate)
-        if problem:
-            if not sequence_parallel:
-                print(f"{tp:>3} {dp:>6} {micro:>6}  impossible: {problem}")
-                return
-            continue
-        options.append(least_recompute_fit(cfg, candidate, budget(args)))
-    # Among fits the least recompute; if none fits, the leanest.
-    best = min(options, key=lambda f: (not f.fits, f.recomputed if f.fits else f.plan.total, f.plan.total))
-    v, t = best.layout.vision_checkpointing, best.layout.text_checkpointing
+    rank_batch = layout.micro_batch * layout.micro_batches
+    problem = layout_problem(cfg.model, layout)
+    if problem:
+        print(f"{tp:>3} {dp:>6} {layout.micro_batch:>6}  impossible: {problem}")
+        return
+    # Accumulation only when nothing else fits; then, as its cost (one more forward of both towers) is the
+    # same for any number of micro-batches, the fewest that fit without recomputation, else the fewest that fit.
+    best = first_fit = None
+    for micro_batches in (k for k in range(layout.micro_batches, rank_batch + 1) if rank_batch % k == 0):
+        best = best_fit(args, cfg, layout.replace(micro_batch=rank_batch // micro_batches, micro_batches=micro_batches))
+        first_fit = first_fit or (best if best.fits else None)
+        if best.fits and (micro_batches == layout.micro_batches or best.recomputed == 0):
+            break
+    else:
+        best = first_fit or best
+    v, t, chosen = best.layout.vision_checkpointing, best.layout.text_checkpointing, best.layout
     recomputed = f"{best.recomputed:.0%} of layer FLOPs" if best.fits else "does not fit (leanest shown)"
-    print(f"{tp:>3} {dp:>6} {micro:>6} {'on' if best.layout.sequence_parallel else 'off':>8}  "
+    print(f"{tp:>3} {dp:>6} {chosen.micro_batch:>6} {chosen.micro_batches:>5} {'on' if chosen.sequence_parallel else 'off':>8}  "
           f"{checkpointing(v):12} {checkpointing(t):12} {best.plan.total / GiB:6.1f}  {recomputed}")
+
+
+def best_fit(args: argparse.Namespace, cfg, layout: Layout):
+    """With and without sequence parallelism (where it can split the model): among fits the least
+    recompute; if none fits, the leanest."""
+    options = [least_recompute_fit(cfg, candidate, budget(args)) for candidate in
+               (layout.replace(sequence_parallel=sp) for sp in (False, True)) if not layout_problem(cfg.model, candidate)]
+    return min(options, key=lambda f: (not f.fits, f.recomputed if f.fits else f.plan.total, f.plan.total))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
