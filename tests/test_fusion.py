@@ -198,3 +198,26 @@ def test_exports_leave_the_fusion_layers_out_and_say_so(capsys):
     assert capsys.readouterr().out.strip() == (
         "open_clip CLIP models have no fusion layers: exporting the dual encoder, "
         f"{sum(name.startswith('fusion.') for name in full)} fusion-layer tensors (model.fusion) left out")
+
+
+def accumulated(micro_batches):
+    """One step of DP rank r's rows in ``micro_batches`` parts (GradCache: the token states cached with
+    the features), the same negatives however split: terms and DP-averaged full-size gradients."""
+    from megaclip import accumulation
+
+    cfg = small_config(*FUSION)
+    distributed.seed_everything(7)
+    model = CLIPModel(cfg.model)
+    objective = build_objective(cfg.model, distributed.dp_group())
+    objective.sample_negatives = fixed_negatives
+    images, tokens = fixed_batch(cfg, batch=2 * BATCH)
+    rows = slice(distributed.dp_rank() * BATCH, (distributed.dp_rank() + 1) * BATCH)
+    _, terms = accumulation.step(objective, model, images[rows], tokens[rows], micro_batches, torch.device("cpu"))
+    average_gradients(list(model.parameters()), distributed.dp_group())
+    return {k: v.item() for k, v in terms.items()}, full_tensors(model, cfg), []
+
+
+def test_micro_batches_accumulate_to_the_whole_batch():
+    whole = run_distributed(accumulated, 2, 1, 1)
+    for split, reference in zip(run_distributed(accumulated, 2, 1, 2), whole):
+        assert_same(split, reference)  # the same sums in another grouping: fp32 as above
