@@ -14,7 +14,8 @@ from megaclip import distributed
 from megaclip.config import ConfigError, validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.model.parallel import (ColumnLinear, RowLinear, TorchLinear, allreduce_sequence_parallel_grads,
+from megaclip.model import attention
+from megaclip.model.parallel import (ColumnLinear, Linears, RowLinear, TorchLinear, allreduce_sequence_parallel_grads,
                                      is_tensor_parallel)
 from megaclip.model.state import partition_dim
 from tests.distributed import run_distributed
@@ -62,7 +63,7 @@ def make_fake_te():
         "transformer_engine", "transformer_engine.pytorch", "transformer_engine.common", "transformer_engine.common.recipe"))
     pytorch.Linear, pytorch.fp8_autocast = Linear, fp8_autocast
     recipe.DelayedScaling, recipe.Format = DelayedScaling, types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3")
-    te.pytorch, te.common, common.recipe = pytorch, common, recipe
+    te.pytorch, te.common, common.recipe, te.__version__ = pytorch, common, recipe, "9.9"
     return {m.__name__: m for m in (te, pytorch, common, recipe)}, state
 
 
@@ -119,6 +120,15 @@ def test_local_is_the_default_and_unchanged():
         assert len(classes) == 16  # 2 towers x 2 layers x 4 linears
         for name, cls in classes.items():
             assert cls == (column if name.endswith(("qkv", "fc")) else row).__name__, name
+
+
+def test_the_backend_is_said_once(fake_te, capsys, monkeypatch):
+    monkeypatch.setattr(attention, "_said", set())
+    linears = Linears(1, transformer_impl="te", fp8="hybrid")
+    for _ in range(2):
+        linears.column(8, 24, lambda w: torch.nn.init.normal_(w))
+    assert capsys.readouterr().out == ("model.transformer_impl=te: transformer-engine 9.9's Linear behind the layers' "
+                                       "linears, FP8 hybrid\n")
 
 
 def loss_and_tensors(overrides, fake_te_calls=None):

@@ -24,7 +24,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         reason = flash_attention_unavailable(q)
         if reason is None:
             return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
-        _say_once(f"use_flash_attention: {reason}; using torch SDPA (its {sdpa_backend(q, dropout_p, causal)} kernel here)")
+        say_once(f"use_flash_attention: {reason}; using torch SDPA (its {sdpa_backend(q, dropout_p, causal)} kernel here)")
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          dropout_p=dropout_p, is_causal=causal)
     return out.transpose(1, 2)
@@ -51,7 +51,8 @@ def sdpa_backend(q: torch.Tensor, dropout_p: float, causal: bool) -> str:
     return torch.nn.attention.SDPBackend(choose(q, q, q, dropout_p=dropout_p, is_causal=causal)).name.lower()
 
 
-def _say_once(message: str) -> None:
+def say_once(message: str) -> None:
+    """Print ``message`` on the main rank, the first time only (which kernel or backend runs)."""
     if message not in _said:
         _said.add(message)
         if distributed.is_main():

@@ -25,6 +25,7 @@ import torch
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     reduce_from_tensor_model_parallel_region)
 
+from megaclip.model.attention import say_once
 from megaclip.model.parallel import gather_sequence, reduce_scatter_sequence
 
 TRANSFORMER_IMPLS = ("local", "te")
@@ -74,6 +75,9 @@ def build_te_linear(kind: str, in_features: int, out_features: int, bias: bool, 
     """A TE Linear holding this rank's shard of a ``kind`` ("column" or "row") parallel linear,
     initialised as megatron-core's CPU initialisation does: the full weight from ``init_method`` (the
     global RNG), split along dim 0 (column) or 1 (row); biases zero."""
+    te = importlib.import_module("transformer_engine")
+    say_once(f"model.transformer_impl=te: transformer-engine {getattr(te, '__version__', '(version unknown)')}'s Linear "
+             f"behind the layers' linears, FP8 {'off' if fp8 == 'none' else fp8}")
     split = 0 if kind == "column" else 1
     local = [out_features // tp, in_features] if split == 0 else [out_features, in_features // tp]
     layer = _te_linear_class()(local[1], local[0], bias=bias, return_bias=kind == "row", params_dtype=torch.float32,
