@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from megaclip import distributed
+from megaclip.checkpoint.model import load_model_for_inference, write_model_checkpoint
 from megaclip.config import ConfigError, validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.model import attention
 from megaclip.model.parallel import (ColumnLinear, Linears, RowLinear, TorchLinear, allreduce_sequence_parallel_grads,
                                      is_tensor_parallel)
-from megaclip.model.state import partition_dim
+from megaclip.model.state import full_state_dict, partition_dim
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
@@ -129,6 +130,17 @@ def test_the_backend_is_said_once(fake_te, capsys, monkeypatch):
         linears.column(8, 24, lambda w: torch.nn.init.normal_(w))
     assert capsys.readouterr().out == ("model.transformer_impl=te: transformer-engine 9.9's Linear behind the layers' "
                                        "linears, FP8 hybrid\n")
+
+
+def test_a_te_checkpoint_loads_without_te(fake_te, monkeypatch, tmp_path):
+    cfg = small_config("model.transformer_impl=te", "model.fp8=hybrid")
+    full = full_state_dict(CLIPModel(cfg.model), cfg.model.text.vocab_size)
+    write_model_checkpoint(tmp_path, full, cfg, tp=1)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # TE gone, as on a CPU machine
+    model, _ = load_model_for_inference(tmp_path)
+    assert {type(m) for n, m in model.named_modules() if n.endswith(("qkv", "fc", "proj")) and ".layers." in n} == {TorchLinear}
+    for name, value in full_state_dict(model, cfg.model.text.vocab_size).items():
+        assert torch.equal(value, full[name]), name
 
 
 def loss_and_tensors(overrides, fake_te_calls=None):

@@ -86,11 +86,13 @@ def load_model_shards(model, directory: Path, meta: Dict, saved_cfg: DictConfig,
 
 
 def load_model_for_inference(path, device: str = "cpu"):
-    """A single-process model (plain linears) from a checkpoint saved at any TP, in eval mode."""
+    """A single-process model (plain linears) from a checkpoint saved at any TP, with any
+    model.transformer_impl (its parameters are the same), in eval mode."""
     from megaclip.model import CLIPModel
 
     full, cfg = read_full_model_state(path)
-    cfg = OmegaConf.merge(cfg, {"model": {"tensor_model_parallel_size": 1, "linear_impl": "torch", "sequence_parallel": False}})
+    cfg = OmegaConf.merge(cfg, {"model": {"tensor_model_parallel_size": 1, "linear_impl": "torch", "sequence_parallel": False,
+                                          "transformer_impl": "local", "fp8": "none"}})
     head = full.get("catlip_head.weight")  # CatLIP's class count is its vocabulary's, not the config's
     model = CLIPModel(cfg.model, None if head is None else head.shape[0])
     try:
