@@ -95,11 +95,12 @@ def doing(activity: str, step: Optional[int] = None) -> None:
 def peer_failure(error: BaseException) -> Optional[str]:
     """The one-line message for a collective that timed out or lost a peer rank; None for any other
     error. gloo raises a plain RuntimeError for both, told apart only by its text ("Timed out waiting
-    600000ms for recv operation", "Connection closed by peer"); so does the store ("Socket Timeout")
-    and NCCL with blocking wait ("Watchdog caught collective operation timeout")."""
+    600000ms for recv operation", "Connection closed by peer"; an asynchronous collective's wait:
+    "Application timeout caused pair closure"); so does the store ("Socket Timeout") and NCCL with
+    blocking wait ("Watchdog caught collective operation timeout")."""
     text = str(error).lower()
     where = f"{_activity}" + (f" at step {_step}" if _step is not None else "")
-    if any(s in text for s in ("timed out", "socket timeout", "operation timeout")):
+    if any(s in text for s in ("timed out", "socket timeout", "operation timeout", "application timeout")):
         return f"no answer from a peer rank within {_timeout_s:g} s in {where}; a rank is stuck or dead"
     if any(s in text for s in ("closed by peer", "reset by peer", "broken pipe")):
         return f"lost the connection to a peer rank in {where}; a rank stopped or died (its own message says why)"
