@@ -15,8 +15,9 @@ architecture (megaclip's config for that size, with open_clip's head counts and 
 differ, which the output names), the same batch and precision: open_clip as open_clip_train runs it
 (amp_bf16 and pure_bf16, AdamW, gradient clipping to the megaclip config's grad_clip, the logit scale
 clamped; torch.compile of the whole model) and megaclip's bf16 O2 step (its config's optimizer;
-compile of its layers). Repeats alternate between the variants; each row is the median. See
-``model_flops_per_sample`` for the FLOP count and README "Speed" for the columns.
+compile of its layers). Repeats alternate between the variants; each row is the median (wall-clock
+time on a GPU, the process's CPU time on a shared CPU). tools/vs_open_clip.py has the FLOP count
+(``training_flops_per_sample``); README "Speed" explains the columns.
 """
 from __future__ import annotations
 
