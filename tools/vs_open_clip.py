@@ -177,7 +177,6 @@ class OpenClipStep:
 class Variant:
     library: str
     precision: str
-    compiled: bool
     step: Callable
     persistent: int = 0  # bytes held between steps (CUDA)
     peak: int = 0
@@ -193,7 +192,7 @@ def build_variants(cfg, open_clip_name: str, open_clip_precisions: List[str], co
     variants = []
     for library, name, make in makers:
         before = _allocated(device)
-        variant = Variant(library, name, compiled, make())
+        variant = Variant(library, name, make())
         for _ in range(warmup):
             variant.step(*batch)
         _sync(device)
