@@ -97,6 +97,9 @@ class OptimConfig:
     # as soon as backward has produced it (overlap_grad_sync) or all after backward
     bucket_size_mb: float = 40.0
     overlap_grad_sync: bool = True
+    # distributed_fused_adam: each bucket's all-gather after the update is waited for only before the
+    # first forward that uses its weights, instead of at the end of the step
+    overlap_param_sync: bool = False
     sched: SchedConfig = field(default_factory=SchedConfig)
 
 

@@ -161,6 +161,7 @@ def train(cfg, world_size: int) -> TrainResult:
             result.evals[step] = evaluate(model, data, cfg, device, autocast)
             monitor.evaluation(step, result.evals[step])
         if saving or verdict.save_due or verdict.stop:
+            optimizer.wait_for_params()  # the weights' all-gathers, when they overlap the next forward
             checkpointing.save(checkpoints, step, cfg=cfg, consumed_samples=step * m.global_batch_size,
                                keep=cfg.exp_manager.checkpoint.save_top_k, loss=loss.item(), **state)
             guard.saved()

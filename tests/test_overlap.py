@@ -52,6 +52,7 @@ def train(overrides, overlap: bool, steps: int, micro_batches: int, compile_back
         optimizer.finish_gradients(cfg.model.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad()
+    optimizer.wait_for_params()  # read outside a forward
     return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()}, len(optimizer.gradients.buckets)
 
 
@@ -134,3 +135,46 @@ def test_an_optimizer_built_again_on_a_model_takes_it_over():
         optimizer.step()
         optimizer.zero_grad()
     assert all(p.grad.data_ptr() == p.main_grad.data_ptr() for p in model.parameters())
+
+
+PARAM_SYNC = ["precision=bf16", "model.megatron_amp_O2=true", "model.optim.name=distributed_fused_adam",
+              "model.optim.overlap_param_sync=true"]
+
+
+def param_sync_changes_nothing(overrides, compile_backend=None):
+    """The overlapped gradient reduction with the weights' all-gathers waited for in the next forward,
+    vs neither overlapped (the same three steps)."""
+    on = train([*PARAM_SYNC, *overrides], True, 3, 1, compile_backend)
+    off = train([*PARAM_SYNC[:-1], *overrides], False, 3, 1, compile_backend)
+    return torch.equal(on[0], off[0]) and all(torch.equal(on[1][n], off[1][n]) for n in off[1])
+
+
+@pytest.mark.parametrize("world,tp,overrides,compile_backend", [
+    (2, 1, CHECKPOINTING, None), (4, 2, ["model.sequence_parallel=true"], None), (2, 1, [], "aot_eager")],
+    ids=["dp2-checkpointing", "tp2xdp2-sequence-parallel", "dp2-compiled"])
+def test_weights_gathered_during_the_next_forward_change_nothing(world, tp, overrides, compile_backend):
+    assert all(run_distributed(param_sync_changes_nothing, world, tp, overrides, compile_backend))
+
+
+def gathers_left_after(forward: str):
+    """Buckets whose all-gather is still unwaited after a step, and after one tower's forward."""
+    cfg = small_config(SMALL_BUCKETS, *PARAM_SYNC)
+    distributed.seed_everything(5)
+    model = precision.prepare_model(CLIPModel(cfg.model), cfg)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    images, tokens = fixed_batch(cfg, 4)
+    ClipLoss(group=distributed.dp_group())(*model(images, tokens)).backward()
+    optimizer.finish_gradients(1.0)
+    optimizer.step()
+    after_step = set(optimizer.gathering)
+    getattr(model, forward)(images if forward == "encode_image" else tokens)
+    return len(optimizer.buckets), after_step, set(optimizer.gathering), {
+        i for i, b in enumerate(optimizer.buckets) if any(n.startswith("visual.") for n, _ in b.params)}
+
+
+def test_a_bucket_is_waited_for_at_its_first_use():
+    for buckets, after_step, after_vision, vision in run_distributed(gathers_left_after, 2, 1, "encode_image"):
+        # the logit scale (the root's own, read by the loss and the clamp) is waited for in step()
+        assert len(after_step) == buckets - 1
+        # the image tower's forward waited for its own buckets, the text tower's are still running
+        assert after_vision == after_step - vision and after_vision

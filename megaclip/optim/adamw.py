@@ -58,6 +58,10 @@ class BucketedAdamW:
         accumulate, nothing is reduced over DP."""
         return self.gradients.no_sync()
 
+    def wait_for_params(self) -> None:
+        """Weights still being gathered after step() are complete after this (the distributed
+        optimizer's overlap_param_sync); here they always are."""
+
 
 class AdamW(BucketedAdamW, torch.optim.AdamW):
     """torch's AdamW (fused kernel) on the model's own fp32 parameters, whose gradients live in flat

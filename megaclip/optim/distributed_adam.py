@@ -16,9 +16,11 @@ allocate on CUDA only; this runs on gloo too, so the CPU tests prove it equal to
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Dict, Optional, Set
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megaclip.distributed import all_gather_into_tensor
@@ -37,6 +39,41 @@ class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
         groups = [{"params": [b.master], "weight_decay": optim_cfg.weight_decay if bucket_kind(*b.params[0])[1] else 0.0}
                   for b in self.buckets]
         super().__init__(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
+        self.gathering: Dict[int, dist.Work] = {}  # bucket index -> its all-gather, still running
+        self.overlap_param_sync = optim_cfg.overlap_param_sync and self.num_shards > 1
+        self._waited_in_step = self._wait_before_forward(model) if self.overlap_param_sync else set()
+
+    def _wait_before_forward(self, model: nn.Module) -> Set[int]:
+        """Forward pre-hooks that wait for the all-gathers of the buckets holding a module's own weights:
+        on that module, or, inside a layer compiled whole (trainer.compile), on the compiled layer's
+        parent, outside the compiled code. Returns the buckets of the root's own parameters (the
+        objective's scalars, read outside any forward: by the loss, by the clamp): step() waits for those."""
+        bucket_of = {id(p): i for i, b in enumerate(self.buckets) for _, p in b.params}
+        parent = {child: module for module in model.modules() for child in module.children()}
+        waits: Dict[nn.Module, Set[int]] = {}
+        for module in model.modules():
+            own = {bucket_of[id(p)] for p in module.parameters(recurse=False) if id(p) in bucket_of}
+            target, up = module, module
+            while up in parent:
+                if getattr(up, "_compiled_call_impl", None) is not None:
+                    target = parent[up]
+                up = parent[up]
+            if own:
+                waits.setdefault(target, set()).update(own)
+        in_step = waits.pop(model, set())
+        for module, buckets in waits.items():
+            module.register_forward_pre_hook(functools.partial(self._wait_for_gathers, buckets))
+        return in_step
+
+    def _wait_for_gathers(self, buckets, *_hook_args) -> None:
+        for i in buckets:
+            work = self.gathering.pop(i, None)
+            if work is not None:
+                work.wait()
+
+    def wait_for_params(self) -> None:
+        """Wait for every all-gather still running: before the weights are read outside a forward."""
+        self._wait_for_gathers(list(self.gathering))
 
     @staticmethod
     @torch.no_grad()
@@ -53,6 +90,7 @@ class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
     def finish_gradients(self, max_norm: float) -> torch.Tensor:
         """Wait for the DP reduction into each rank's shard, clip by the global norm (on the device),
         return the norm."""
+        self.wait_for_params()  # a bucket no forward used: its weights are written again after this step
         for b, reduced in zip(self.buckets, self.gradients.reduce()):
             b.master.grad = reduced  # a view into the gradient buffer: no copy
         norm = self.gradients.norm()
@@ -62,17 +100,20 @@ class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None, skip: Optional[torch.Tensor] = None):
-        """Update the shards, then all-gather every bucket's weights: all buckets started at once, each
-        an asynchronous collective, then waited for."""
+        """Update the shards, then all-gather every bucket's weights, one asynchronous collective per
+        bucket, the first layers' first. With overlap_param_sync each is waited for before the first
+        forward that uses its weights (wait_for_params() before reading them otherwise); else here."""
         super().step(closure, skip)
-        gathers = []
-        for b in self.buckets:
+        for i in reversed(range(len(self.buckets))):  # the last buckets hold the first layers
+            b = self.buckets[i]
             b.data[b.shard].copy_(b.master)
             if self.num_shards > 1:
                 # in place, as the reduce-scatter: this rank's shard is already where the result puts it
-                gathers.append(all_gather_into_tensor(b.data, b.data[b.shard], group=self.dp_group, async_op=True))
-        for work in gathers:
-            work.wait()
+                self.gathering[i] = all_gather_into_tensor(b.data, b.data[b.shard], group=self.dp_group, async_op=True)
+        if self.overlap_param_sync:
+            self._wait_for_gathers(self._waited_in_step)
+        else:
+            self.wait_for_params()
 
     def zero_grad(self, set_to_none: bool = True):
         """Zero the gradient buffers in place: the parameters' gradients must stay views into them."""
