@@ -13,7 +13,8 @@ global batch, so its micro-batches are run the GradCache way (Gao et al. 2021):
 
 Pass 3 must compute what pass 1 did. Patch dropout and drop path draw from generators seeded for the
 optimizer step (megaclip.model.regularisers.drawn_for_step), so both passes, and any split of the
-batch, draw what the whole batch would. Tower dropout (attention and hidden dropout) draws from torch's
+batch, draw what the whole batch would; the loss's own layers (fusion) draw from a stream of their own,
+so that running the loss apart from the towers changes nothing. Tower dropout (attention and hidden dropout) draws from torch's
 generator masks the shape of the micro-batch, which no split can make equal to the whole batch's; the
 generator's state before each micro-batch of pass 1 is replayed before that micro-batch in pass 3, so
 the gradient is exactly that of the loss that pass 2 computed, with the masks pass 1 drew.
@@ -39,11 +40,14 @@ def step(objective, model, images: Tensor, batch: Tensor, micro_batches: int, de
     terms, detached. Every backward but the last runs inside ``no_sync()`` (the optimizer's: gradients
     only accumulate there; the last backward may start their DP reduction). Called inside the loop's
     autocast, which both passes then share."""
-    seed = draw_step_seed()
+    seed = draw_step_seed()  # the towers' draws; the loss's: seed + LOSS_STREAM
     parts = list(zip(images.chunk(micro_batches), batch.chunk(micro_batches)))
     if micro_batches == 1 or objective.per_sample:
         return _plain(objective, model, parts, seed, device, no_sync)
     return _grad_cache(objective, model, parts, seed, device, no_sync)
+
+
+LOSS_STREAM = 2 ** 62  # seeds from draw_step_seed are below it: the two streams never share a seed
 
 
 def _on(device: torch.device, *tensors: Tensor) -> List[Tensor]:
@@ -58,7 +62,9 @@ def _plain(objective, model, parts, seed: int, device, no_sync) -> Tuple[Tensor,
     k, total, terms = len(parts), 0.0, {}
     for i, part in enumerate(parts):
         with drawn_for_step(seed, i, k):
-            loss, named = objective(model, *_on(device, *part))
+            features = objective.features(model, *_on(device, *part))
+        with drawn_for_step(seed + LOSS_STREAM, i, k):
+            loss, named = objective.loss(model, features)
         with _last_syncs(no_sync, i, k):
             (loss / k).backward()
         total = total + loss.detach() / k
@@ -76,7 +82,8 @@ def _grad_cache(objective, model, parts, seed: int, device, no_sync) -> Tuple[Te
     after = _rng_state(device)
     features = tuple(torch.cat(column).requires_grad_(column[0].is_floating_point()) for column in zip(*cached))
     del cached
-    loss, terms = objective.loss(model, features)
+    with drawn_for_step(seed + LOSS_STREAM):  # the rank's whole batch, as one micro-batch
+        loss, terms = objective.loss(model, features)
     with no_sync():
         loss.backward()
     for i, part in enumerate(parts):

@@ -1,6 +1,6 @@
 """Gradient accumulation: k micro-batches give the very gradient, loss and update of one step over the whole
-batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP, the tiled losses; patch dropout and
-drop path on), and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the
+batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP, the tiled losses, fusion; patch
+dropout and drop path on), and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the
 replay)."""
 import subprocess
 
@@ -16,6 +16,7 @@ from megaclip.objectives import build_objective
 from megaclip.optim import build_optimizer
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
+from tests.test_fusion import FUSION
 from tests.test_memory import MEDIUM, LiveBytes
 from tests.test_resume import ENV, ROOT, command, losses
 from tests.test_tiled_loss import one_thread  # noqa: F401 (a fixture)
@@ -29,7 +30,9 @@ OBJECTIVES = {"clip-global": [], "clip-local": ["model.local_loss=true"], "sigli
               "catlip": ["model.loss=catlip"],
               # the tiled loss (blocks of 3 do not divide the batch) over the rank's whole batch of features
               "clip-local-tiled": ["model.local_loss=true", "model.loss_block_size=3"],
-              "siglip-tiled": ["model.loss=siglip", "model.loss_block_size=3"]}
+              "siglip-tiled": ["model.loss=siglip", "model.loss_block_size=3"],
+              # contrastive + ITM on hard negatives + captioning, its layers' drop path drawn in the loss
+              "fusion": FUSION}
 CLASSES = 8  # CatLIP's head, without a vocabulary
 
 
