@@ -5,8 +5,8 @@ for a periodic checkpoint has passed.
 
 Each rank sees only its own part of that: its loss (the local loss differs by DP rank), the signals
 that reached it (a signal reaches ranks at different moments, or only some of them), its own clock.
-So every rank contributes three flags and the world takes their maximum: one small all-reduce per
-step on the device. The step's skip never leaves the device: the fused AdamW kernel takes it as its
+So every rank contributes its flags and the world takes their maximum: one small all-reduce per
+step on the device (the non-finite flag; the other two only on the steps the host reads). The step's skip never leaves the device: the fused AdamW kernel takes it as its
 ``found_inf`` and leaves weights, moments and step count as they were. The host reads the flags and
 the counts only on the steps the loop asks it to (``read``: every trainer.sync_every_n_steps, log
 and checkpoint steps), so a stop signal or a due wall-clock save takes effect at the first such step
@@ -96,7 +96,7 @@ class StepGuard:
         self.last_save = time.monotonic()
         # on the device: [non-finite steps in this run (a resumed run counts afresh), in a row now,
         # the step at which a streak first reached max_consecutive (0: none)]
-        self.counts = torch.zeros(3, device=device)
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # float64: any step number exactly
         self.nonfinite_steps = self.consecutive = 0  # the counts as of the last read
 
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, read: bool = True) -> Verdict:
