@@ -2,6 +2,8 @@
 batch at the same layout (CLIP's global and local loss, SigLIP, CatLIP, the tiled losses, fusion; patch
 dropout and drop path on), and with tower dropout on, the gradient of the loss computed from the masks pass 1 drew (the
 replay)."""
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -158,24 +160,38 @@ def test_dropout_is_replayed(dropout, name, k):
 
 def test_main_job_with_a_quarter_micro_batch_learns_like_the_whole_batch(tmp_path):
     """The README's main job (TP 2 on 2 processes: DP 1, 64 samples a rank) with micro_batch_size 16, i.e.
-    4 micro-batches per optimizer step, patch dropout on, against the same run without accumulation."""
+    4 micro-batches per optimizer step, patch dropout on; then its step-8 checkpoint resumed without
+    accumulation (a checkpoint lies between optimizer steps, so micro_batch_size may change) runs steps
+    9 to 16 again over the whole batch at once."""
     overrides = ["tp=2", "steps=16", "lr=1e-3", "model.optim.sched.warmup_steps=4", "model.data.synthetic_train_samples=512",
-                 "model.vision.drop_patch_rate=0.5", "model.data.zeroshot.synthetic=null"]  # learns within 16 steps
-    runs = {}
-    for name, extra in (("whole", []), ("micro", ["mbs=16"])):
-        proc = subprocess.run(command(tmp_path / "data", tmp_path / name, *overrides, *extra), cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip().splitlines()[-1].startswith("final: step=16 ")
-        runs[name] = losses(tmp_path / name)
-    assert sorted(runs["micro"]) == list(range(1, 17))
-    assert runs["whole"][16] < runs["whole"][1] - 0.5  # it learns (4.43 to 3.66)
-    for step, loss in runs["whole"].items():
+                 "model.vision.drop_patch_rate=0.5", "model.data.zeroshot.synthetic=null",  # learns within 16 steps
+                 "exp_manager.checkpoint.every_n_steps=8"]
+    micro, whole = tmp_path / "micro", tmp_path / "whole"
+    proc = subprocess.run(command(tmp_path / "data", micro, *overrides, "mbs=16"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("final: step=16 ")
+    accumulated = losses(micro)
+    assert sorted(accumulated) == list(range(1, 17)) and accumulated[16] < accumulated[1] - 0.5  # learns: 4.43 to 3.66
+    meta = json.loads((micro / "checkpoints" / "step_0000016" / "meta.json").read_text())
+    assert meta["consumed_samples"] == 16 * 64  # samples per optimizer step, whatever the micro-batches
+
+    shutil.copytree(micro, whole)
+    shutil.rmtree(whole / "checkpoints" / "step_0000016")
+    (whole / "checkpoints" / "latest").write_text("step_0000008\n")
+    (whole / "steps.jsonl").write_text("")
+    proc = subprocess.run(command(tmp_path / "data", whole, *overrides), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final: step=16 ")
+    reference = losses(whole)
+    assert sorted(reference) == list(range(9, 17))
+    for step, loss in reference.items():
         # Each step's gradients agree to fp32 reordering (~1e-5 of the largest, as above), which Adam's
-        # eps (1e-6) keeps from turning into different updates; over these 16 steps the losses stayed
-        # within 2.3e-7 of each other (measured). 1e-5 is far below what a lost or doubled micro-batch,
-        # or other patches dropped, would do to a step's loss (~1e-2).
-        assert runs["micro"][step] == pytest.approx(loss, rel=1e-5), step
+        # eps (1e-6) keeps from turning into different updates; over 16 steps from the start the losses
+        # of the two ways stayed within 2.3e-7 of each other (measured). 1e-5 is far below what a lost
+        # or doubled micro-batch, or other patches dropped, does to a step's loss (~1e-2).
+        assert accumulated[step] == pytest.approx(loss, rel=1e-5), step
 
 
 def accumulation_peak(overrides, batch, micro_batches):
