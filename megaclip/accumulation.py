@@ -13,11 +13,12 @@ global batch, so its micro-batches are run the GradCache way (Gao et al. 2021):
 
 Pass 3 must compute what pass 1 did. Patch dropout and drop path draw from generators seeded for the
 optimizer step (megaclip.model.regularisers.drawn_for_step), so both passes, and any split of the
-batch, draw what the whole batch would; the loss's own layers (fusion) draw from a stream of their own,
-so that running the loss apart from the towers changes nothing. Tower dropout (attention and hidden dropout) draws from torch's
-generator masks the shape of the micro-batch, which no split can make equal to the whole batch's; the
-generator's state before each micro-batch of pass 1 is replayed before that micro-batch in pass 3, so
-the gradient is exactly that of the loss that pass 2 computed, with the masks pass 1 drew.
+batch, draw what the whole batch would; the loss's own layers (fusion) draw from a stream of their
+own, so that running the loss apart from the towers changes nothing. Tower dropout (attention and
+hidden dropout) draws from torch's generator masks the shape of the micro-batch, which no split can
+make equal to the whole batch's; the generator's state before each micro-batch of pass 1 is replayed
+before that micro-batch in pass 3, so the gradient is exactly that of the loss that pass 2 computed,
+with the masks pass 1 drew.
 
 open_clip's ``--accum-freq`` differs in both respects: its pass 3 recomputes the loss once per
 micro-batch, so the logit scale's gradient comes out k times too large, and it replays no random state.
@@ -32,6 +33,8 @@ from torch import Tensor
 
 from megaclip.model.regularisers import draw_step_seed, drawn_for_step
 
+LOSS_STREAM = 2 ** 62  # seeds from draw_step_seed are below it: the two streams never share a seed
+
 
 def step(objective, model, images: Tensor, batch: Tensor, micro_batches: int, device: torch.device,
          no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -45,9 +48,6 @@ def step(objective, model, images: Tensor, batch: Tensor, micro_batches: int, de
     if micro_batches == 1 or objective.per_sample:
         return _plain(objective, model, parts, seed, device, no_sync)
     return _grad_cache(objective, model, parts, seed, device, no_sync)
-
-
-LOSS_STREAM = 2 ** 62  # seeds from draw_step_seed are below it: the two streams never share a seed
 
 
 def _on(device: torch.device, *tensors: Tensor) -> List[Tensor]:

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     images = torch.randn(args.batch, m.vision.num_channels, m.vision.img_h, m.vision.img_w)
     tokens = torch.randint(1, m.text.vocab_size, (args.batch, m.text.encoder_seq_length))
-    tiled = build_objective(load_config(args.config_name, layers + args.overrides + [f"model.loss_block_size={args.block}"]).model,
-                            distributed.dp_group())
+    tiled_cfg = load_config(args.config_name, layers + args.overrides + [f"model.loss_block_size={args.block}"])
+    tiled = build_objective(tiled_cfg.model, distributed.dp_group())
     k = args.micro_batches
     settings = {name: step(model, optimizer, objective, images, tokens, micro_batches, m.optim.grad_clip)
                 for name, objective, micro_batches in (

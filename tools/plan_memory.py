@@ -195,7 +195,8 @@ def show_fit_row(args: argparse.Namespace, cfg, tp: int, dp: int) -> None:
         best = first_fit or best
     v, t, chosen = best.layout.vision_checkpointing, best.layout.text_checkpointing, best.layout
     recomputed = f"{best.recomputed:.0%} of layer FLOPs" if best.fits else "does not fit (leanest shown)"
-    print(f"{tp:>3} {dp:>6} {chosen.micro_batch:>6} {chosen.micro_batches:>5} {'on' if chosen.sequence_parallel else 'off':>8}  "
+    sequence_parallel = "on" if chosen.sequence_parallel else "off"
+    print(f"{tp:>3} {dp:>6} {chosen.micro_batch:>6} {chosen.micro_batches:>5} {sequence_parallel:>8}  "
           f"{checkpointing(v):12} {checkpointing(t):12} {best.plan.total / GiB:6.1f}  {recomputed}")
 
 
