@@ -329,6 +329,9 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         raise ConfigError(f"model.loss '{m.loss}' is not available (choose clip, siglip or catlip)")
     if m.loss == "catlip" and m.catlip.vocabulary is None and m.data.train_shards is not None:
         raise ConfigError("model.catlip.vocabulary is not set (tools/build_synset_vocab.py writes one from the train shards)")
+    if m.loss == "catlip" and m.loss_block_size:
+        raise ConfigError("model.loss_block_size tiles the contrastive losses (clip, siglip); catlip's has no "
+                          "batch x batch logits to tile (set it to 0)")
     if m.fusion.num_layers:
         _validate_fusion(m, tp)
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):

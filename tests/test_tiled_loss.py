@@ -110,9 +110,13 @@ def test_clip_loss_stays_fp32_under_autocast():
     assert all(torch.equal(got, ClipLoss(block_size=b)(x, y, scale)) for got, b in zip(under_autocast, (0, 5)))
 
 
-def test_block_size_must_not_be_negative():
-    with pytest.raises(ConfigError, match="model.loss_block_size must be >= 0, got -1") as e:
-        validate(small_config("model.loss_block_size=-1"), 1, data=False)
+@pytest.mark.parametrize("overrides,message", [
+    (["model.loss_block_size=-1"], "model.loss_block_size must be >= 0, got -1"),
+    (["model.loss_block_size=64", "model.loss=catlip"], "model.loss_block_size tiles the contrastive losses"),
+])
+def test_block_size_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(small_config(*overrides, "model.vision.encoder_seq_length=null"), 1, data=False)
     assert "\n" not in str(e.value)
 
 
