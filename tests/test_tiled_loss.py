@@ -31,7 +31,8 @@ def loss_and_gradients(name, block_size, dp_rank=0, dp_size=1, group=None):
     if name == "siglip":
         loss = sigmoid_loss(x, y, scale, bias, group, block_size)
     else:
-        loss = ClipLoss(local_loss=name == "clip-local", group=group, block_size=block_size)(x, y, scale)
+        loss = ClipLoss(local_loss=name.startswith("clip-local"), gather_with_grad=not name.endswith("without-gather-grad"),
+                        group=group, block_size=block_size)(x, y, scale)
     loss.backward()
     return loss.detach(), x.grad, y.grad, scale.grad, bias.grad
 
@@ -57,7 +58,7 @@ def test_tiled_equals_whole_on_one_process(name, block):
     assert_same(loss_and_gradients(name, block), loss_and_gradients(name, 0))
 
 
-@pytest.fixture(scope="module", params=["clip-global", "clip-local", "siglip"])
+@pytest.fixture(scope="module", params=["clip-global", "clip-local", "clip-local-without-gather-grad", "siglip"])
 def over_dp(request):
     return request.param, run_distributed(every_block, 3, 1, request.param)
 
