@@ -18,7 +18,7 @@ from tests.test_resume import ENV, ROOT, command, losses
 
 # DP=2 with a loader worker each: the ranks must agree, and the loader workers, which get the signal
 # too, must not die of it (the 2048 synthetic samples make 2 shards: one per DP rank and worker)
-LAYOUT = ["tp=1", "model.data.num_workers=1"]
+LAYOUT = ["tp=1", "model.data.num_workers=1", "steps=32"]
 
 
 def verdicts_with_a_signal_on_rank_1():
@@ -54,27 +54,6 @@ def wait_for_step(proc, exp_dir: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_saves_the_step_reached_and_the_rerun_continues_the_same_losses(tmp_path, data):
-    subprocess.run(command(data, tmp_path / "whole", *LAYOUT), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    reference = losses(tmp_path / "whole")
-
-    run = tmp_path / "preempted"
-    proc = subprocess.Popen(command(data, run, *LAYOUT), cwd=ROOT, env=ENV, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run, 10)
-    os.killpg(proc.pid, signal.SIGTERM)  # the launcher, which forwards it to the workers
-    stdout, stderr = proc.communicate(timeout=120)
-    stopped = max(losses(run))
-    assert 10 <= stopped < 24 and f"preempted at step {stopped}: checkpoint saved, exiting" in stdout.splitlines(), stdout
-    assert not re.search(r"\[rank\d+\]: Traceback", stderr)  # no worker failed (torchrun, signalled itself, exits 1)
-    assert latest(run / "checkpoints") == run / "checkpoints" / f"step_{stopped:07d}"  # not only the periodic step 8
-
-    resumed = subprocess.run(command(data, run, *LAYOUT), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in resumed.stdout
-    assert losses(run) == reference  # every step, exactly equal floats
-
-
 def worker_pid(launcher_pid: int, rank: int) -> int:
     """The pid of the launcher's worker process with this RANK."""
     for proc in Path("/proc").iterdir():
@@ -87,15 +66,49 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
     raise LookupError(f"no worker of rank {rank} under {launcher_pid}")
 
 
-def test_sigusr1_to_one_worker_stops_the_job_with_exit_code_0(tmp_path, data):
-    # as SLURM's --signal delivers it: to the workers (here one of them), not only to the launcher
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_by_sigusr1(data, tmp_path_factory):
+    """A run whose rank 1 alone gets SIGUSR1 once step 24 is logged, as SLURM's --signal delivers it (to
+    the workers, here one of them): its directory and the finished process. Until the step it stops at,
+    it is an uninterrupted run: the SIGTERM test's reference."""
+    run = tmp_path_factory.mktemp("sigusr1") / "run"
     proc = subprocess.Popen(command(data, run, *LAYOUT), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run, 2)
+    wait_for_step(proc, run, 24)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGUSR1)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]  # every worker exited 0
+    proc.stdout, proc.stderr = proc.communicate(timeout=120)
+    return run, proc
+
+
+def test_sigusr1_to_one_worker_stops_the_job_with_exit_code_0(stopped_by_sigusr1):
+    run, proc = stopped_by_sigusr1
+    assert proc.returncode == 0, proc.stderr[-2000:]  # every worker exited 0
     stopped = max(losses(run))
-    assert stopped < 24 and f"preempted at step {stopped}: checkpoint saved, exiting" in stdout.splitlines()  # said by rank 0
+    assert 24 <= stopped < 32 and f"preempted at step {stopped}: checkpoint saved, exiting" in proc.stdout.splitlines()  # said by rank 0
     assert latest(run / "checkpoints") == run / "checkpoints" / f"step_{stopped:07d}"
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_continues_the_same_losses(tmp_path, data, stopped_by_sigusr1):
+    # The reference: the SIGUSR1 run, the same run uninterrupted up to its step 24 or later. This run
+    # stops at about step 12: the rerun computes 12 or so steps (across the end of warmup at step 20)
+    # that the reference computed without a stop; the steps after the reference's stop run the same
+    # code on the same kind of state (as in test_resume's SIGKILL test).
+    reference = losses(stopped_by_sigusr1[0])
+    assert sorted(reference) == list(range(1, max(reference) + 1)) and max(reference) >= 24
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen(command(data, run, *LAYOUT), cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run, 10)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher, which forwards it to the workers
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = max(losses(run))
+    assert 10 <= stopped < 20 and f"preempted at step {stopped}: checkpoint saved, exiting" in stdout.splitlines(), stdout
+    assert not re.search(r"\[rank\d+\]: Traceback", stderr)  # no worker failed (torchrun, signalled itself, exits 1)
+    assert latest(run / "checkpoints") == run / "checkpoints" / f"step_{stopped:07d}"  # not only the periodic step 8
+
+    resumed = subprocess.run(command(data, run, *LAYOUT), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in resumed.stdout
+    after = losses(run)
+    assert sorted(after) == list(range(1, 33))
+    assert {step: after[step] for step in reference} == reference  # every step, exactly equal floats
