@@ -57,3 +57,20 @@ def test_sigmoid_loss_stays_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = sigmoid_loss(x, y, scale, bias)
     assert torch.equal(under_autocast, sigmoid_loss(x, y, scale, bias))  # the same fp32 kernels on the same inputs
+
+
+def test_the_monitor_logs_the_terms(tmp_path, capsys):
+    """loss_<name> in steps.jsonl for every term; on the progress line only when there is more than one
+    (a single term is the loss itself)."""
+    import json
+
+    from megaclip.monitor import TrainingMonitor
+
+    cfg = small_config("exp_manager.create_tensorboard_logger=false")
+    monitor = TrainingMonitor(cfg, exp_dir=str(tmp_path), max_steps=2, global_batch_size=8, devices=1, log_every=1,
+                              enabled=True)
+    one = monitor.step(1, loss=1.5, lr=0.1, skipped=dict, terms={"contrastive": 1.5})
+    two = monitor.step(2, loss=2.0, lr=0.1, skipped=dict, terms={"contrastive": 1.25, "itm": 0.75})
+    assert "loss_" not in one and "loss 2.0000 loss_contrastive 1.2500 loss_itm 0.7500 lr" in two
+    logged = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert logged[0]["loss_contrastive"] == 1.5 and (logged[1]["loss_contrastive"], logged[1]["loss_itm"]) == (1.25, 0.75)
