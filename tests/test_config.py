@@ -26,7 +26,9 @@ def isolated_cwd(tmp_path_factory, monkeypatch):
     (4, ["tp=4", "model.text.ffn_hidden_size=254"], "model.text.ffn_hidden_size 254 is not divisible"),
     (3, ["tp=2"], "world size 3 is not divisible by tensor_model_parallel_size 2"),
     (3, ["gbs=64"], "global_batch_size 64 is not divisible by data-parallel size 3"),
-    (2, ["mbs=16"], "micro_batch_size 16 x data-parallel size 2 != global_batch_size 64"),
+    (2, ["mbs=24"], "model.micro_batch_size 24 does not divide the per-rank batch 32 (global_batch_size 64 / "
+                    "data-parallel size 2): accumulation needs a whole number of micro-batches"),
+    (2, ["mbs=64"], "model.micro_batch_size 64 does not divide the per-rank batch 32"),
     (1, ["model.data.train_shards=/nonexistent/train-{000000..000003}.tar"], "shard file(s) missing, e.g. /nonexistent/train-000000.tar"),
     (1, ["model.vision.bogus=1"], "bogus"),
     (1, ["model.text.tokenizer.library=wordpiece"], "tokenizer.library must be sentencepiece or clip_bpe"),
