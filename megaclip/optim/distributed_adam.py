@@ -46,7 +46,7 @@ class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
     def _wait_before_forward(self, model: nn.Module) -> Set[int]:
         """Forward pre-hooks that wait for the all-gathers of the buckets holding a module's own weights:
         on that module, or, inside a layer compiled whole (trainer.compile), on the compiled layer's
-        parent, outside the compiled code. Returns the buckets of the root's own parameters (the
+        caller (the first ancestor whose forward runs: a ModuleList's never does), outside the compiled code. Returns the buckets of the root's own parameters (the
         objective's scalars, read outside any forward: by the loss, by the clamp): step() waits for those."""
         bucket_of = {id(p): i for i, b in enumerate(self.buckets) for _, p in b.params}
         parent = {child: module for module in model.modules() for child in module.children()}
@@ -58,6 +58,8 @@ class DistributedFusedAdam(BucketedAdamW, torch.optim.AdamW):
                 if getattr(up, "_compiled_call_impl", None) is not None:
                     target = parent[up]
                 up = parent[up]
+            while isinstance(target, (nn.ModuleList, nn.ModuleDict)):  # containers are never called
+                target = parent[target]
             if own:
                 waits.setdefault(target, set()).update(own)
         in_step = waits.pop(model, set())
