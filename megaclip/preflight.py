@@ -1,6 +1,6 @@
 """Checks of the files a run will read and write, made before any process group starts (one
 ``ConfigError`` line each): data shards and the synthetic set, zero-shot files, the experiment
-directory, the checkpoint the run starts from. ``megaclip.config.validate`` judges the settings.
+directory, the checkpoint the run starts from. ``megaclip.config_checks.validate`` judges the settings.
 """
 from __future__ import annotations
 

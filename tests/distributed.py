@@ -8,6 +8,7 @@ import socket
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from megaclip import distributed
 
@@ -43,6 +44,14 @@ def run_distributed(fn, world_size: int, tp: int = 1, *args, timeout: float = 60
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def allreduce_sequence_parallel_grads(params, tp_group) -> None:
+    """Sum over TP the gradients of the parameters marked sequence-parallel, as the optimizer's gradient
+    buckets do, for tests that compare gradients without building an optimizer."""
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        distributed.all_reduce_coalesced(
+            [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)
 
 
 def _worker(fn, rank, world_size, tp, port, queue, args):

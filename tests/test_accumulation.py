@@ -11,7 +11,8 @@ import torch
 
 from megaclip import accumulation, distributed
 from megaclip.config import load_config
-from megaclip.memory import GiB, Layout, activation_bytes, least_recompute_fit
+from megaclip.memory import GiB, Layout, least_recompute_fit
+from megaclip.memory_activations import activation_bytes
 from megaclip.model import CLIPModel
 from megaclip.model.regularisers import draw_step_seed, drawn_for_step
 from megaclip.objectives import build_objective
@@ -235,7 +236,7 @@ def accumulation_peak(overrides, batch, micro_batches):
 ], ids=["towers", "loss", "local-loss", "tiled-loss", "siglip"])
 def test_planner_counts_the_accumulated_step(overrides, batch, micro_batches, one_thread):
     live, planned = accumulation_peak(overrides, batch, micro_batches)
-    # The planner's formulas are matched to live tensors (megaclip.memory); the loss's temporaries are
+    # The planner's formulas are matched to live tensors (megaclip.memory_activations); the loss's temporaries are
     # counted by shape, not freed op by op: measured within 1.2 %.
     assert planned == pytest.approx(live, rel=0.02)
 

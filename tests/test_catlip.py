@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from megaclip import distributed, precision
 from megaclip.catlip_loss import catlip_loss
 from megaclip.checkpoint.model import load_model_for_inference
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError
+from megaclip.config_checks import validate
 from megaclip.data.samples import DataError
 from megaclip.data.synset_vocab import run_vocabulary
 from megaclip.data.synthetic import SHAPES, render
-from megaclip.memory import Layout, layout_problem, parameter_shapes, plan_memory
+from megaclip.memory import Layout, layout_problem, plan_memory
+from megaclip.memory_parameters import parameter_shapes
 from megaclip.model import CLIPModel
 from megaclip.optim import average_gradients, build_optimizer
 from tests.distributed import run_distributed

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from megaclip import distributed
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError
+from megaclip.config_checks import validate
 from megaclip.convert.open_clip import to_open_clip
 from megaclip.exchange import fetch_rows
 from megaclip.fusion_objective import draw_negatives, sample_hard_negatives
 from megaclip.model import CLIPModel
 from megaclip.model.fusion import CrossAttention
-from megaclip.model.parallel import Linears, allreduce_sequence_parallel_grads
+from megaclip.model.parallel import Linears
 from megaclip.objectives import build_objective
 from megaclip.optim import average_gradients
-from tests.distributed import run_distributed
+from tests.distributed import allreduce_sequence_parallel_grads, run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
 FUSION = ["model.fusion.num_layers=2", "model.vision.num_attention_heads=4", "model.text.num_attention_heads=4",

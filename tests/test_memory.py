@@ -13,9 +13,10 @@ from torch.utils._pytree import tree_flatten
 from megaclip import distributed, precision
 from megaclip.config import load_config
 from megaclip.losses import ClipLoss
-from megaclip.memory import (GiB, Checkpointing, Layout, activation_bytes, least_recompute_fit, parameter_shapes,
-                             plan_memory)
-from megaclip.memory import optimizer_state_bytes as planned_optimizer_state_bytes
+from megaclip.memory import GiB, Checkpointing, Layout, least_recompute_fit, plan_memory
+from megaclip.memory_activations import activation_bytes
+from megaclip.memory_parameters import optimizer_state_bytes as planned_optimizer_state_bytes
+from megaclip.memory_parameters import parameter_shapes
 from megaclip.model import CLIPModel
 from megaclip.model.parallel import is_tensor_parallel
 from megaclip.model.state import partition_dim

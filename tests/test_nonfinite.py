@@ -13,7 +13,8 @@ import torch
 from megaclip import distributed
 from megaclip.checkpoint import latest
 from megaclip.checkpoint import training as checkpointing
-from megaclip.config import ConfigError, load_config, validate
+from megaclip.config import ConfigError, load_config
+from megaclip.config_checks import validate
 from megaclip.guard import NonFiniteError, StepGuard
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megaclip.config import ConfigError, config_from_argv, validate
+from megaclip.config import ConfigError, config_from_argv
+from megaclip.config_checks import validate
 from megaclip.model import CLIPModel
 from megaclip.objectives import ClipObjective, SigLipObjective, build_objective
 from megaclip.sigmoid_loss import sigmoid_loss

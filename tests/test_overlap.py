@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megaclip import distributed, precision
-from megaclip.config import ConfigError, load_config, validate
+from megaclip.config import ConfigError, load_config
+from megaclip.config_checks import validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.optim import build_optimizer

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megaclip import distributed
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError
+from megaclip.config_checks import validate
 from megaclip.convert import import_library
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel, attention

@@ -16,7 +16,9 @@ from megaclip import distributed, precision
 from megaclip.convert import import_library, megaclip_config
 from megaclip.convert.hf import to_hf
 from megaclip.convert.open_clip import from_open_clip, open_clip_model_config, to_open_clip
-from megaclip.memory import Layout, activation_bytes, parameter_shapes, plan_memory
+from megaclip.memory import Layout, plan_memory
+from megaclip.memory_activations import activation_bytes
+from megaclip.memory_parameters import parameter_shapes
 from megaclip.model import CLIPModel
 from megaclip.model.state import load_full_state_dict
 from megaclip.optim import average_gradients

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megaclip import distributed
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError
+from megaclip.config_checks import validate
 from megaclip.losses import ClipLoss
 from megaclip.sigmoid_loss import sigmoid_loss
 from tests.distributed import run_distributed
@@ -127,7 +128,8 @@ def test_planner_estimates_the_tiled_loss(local, batch, one_thread):
     """The planner's tiled-loss bytes (kept + backward) against the live bytes of the loss's forward and
     backward, plus its input features (in a model the towers' normalised outputs, which the planner counts
     with the loss). An estimate from the code: within 15 % (measured 1-10 %)."""
-    from megaclip.memory import Layout, _loss
+    from megaclip.memory import Layout
+    from megaclip.memory_activations import _loss
 
     cfg = small_config("model.loss_block_size=64", f"model.local_loss={local}", f"model.output_dim={WIDTH}")
     x, y, scale, _ = (t.float() for t in features(batch))

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 
 from megaclip import distributed
 from megaclip.checkpoint.model import load_model_for_inference, write_model_checkpoint
-from megaclip.config import ConfigError, validate
+from megaclip.config import ConfigError
+from megaclip.config_checks import validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
 from megaclip.model import attention
-from megaclip.model.parallel import (ColumnLinear, Linears, RowLinear, TorchLinear, allreduce_sequence_parallel_grads,
-                                     is_tensor_parallel)
+from megaclip.model.parallel import ColumnLinear, Linears, RowLinear, TorchLinear, is_tensor_parallel
 from megaclip.model.state import full_state_dict, partition_dim
-from tests.distributed import run_distributed
+from tests.distributed import allreduce_sequence_parallel_grads, run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
 

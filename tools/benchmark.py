@@ -90,7 +90,8 @@ class MegaclipStep:
 
 def worker(config_name: str, steps: int, overrides: list) -> None:
     from megaclip import distributed
-    from megaclip.config import load_config, micro_batch_size, validate, world_size_from_env
+    from megaclip.config import load_config, micro_batch_size, world_size_from_env
+    from megaclip.config_checks import validate
     from megaclip.monitor import peak_memory_bytes
 
     cfg = load_config(config_name, overrides)

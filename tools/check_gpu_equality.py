@@ -45,7 +45,8 @@ def run(device: str, precision: str, config_name: str, steps: int, batch: int, o
     """One process's steps; saves {"losses": [...], "grads": {name: tensor}} (fp32, on CPU) to ``out``."""
     from benchmark import MegaclipStep
     from megaclip import distributed
-    from megaclip.config import load_config, validate
+    from megaclip.config import load_config
+    from megaclip.config_checks import validate
     from megaclip.data.tokenizer import end_of_text_id
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmark import MegaclipStep, random_batch  # noqa: E402  (tools/ is on the path when run as a script)
 from megaclip import distributed  # noqa: E402
-from megaclip.config import load_config, validate  # noqa: E402
+from megaclip.config import load_config  # noqa: E402
+from megaclip.config_checks import validate  # noqa: E402
 from megaclip.memory import GiB, Layout, plan_memory  # noqa: E402
 
 

@@ -13,7 +13,8 @@
 layout that nothing else makes fit.
 
 Unset options come from the config. Trailing key=value overrides apply to the config (to every config
-with --table), e.g. model.vision.num_attention_heads=16. The formulas are in megaclip/memory.py.
+with --table), e.g. model.vision.num_attention_heads=16. The formulas are in megaclip/memory_parameters.py and
+megaclip/memory_activations.py.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import re
 from typing import Dict, List, Optional, Tuple, Union
 
 from megaclip.config import load_config
-from megaclip.memory import (GiB, OPTIMIZERS, Checkpointing, Layout, activation_bytes, layout_problem,
-                             least_recompute_fit, parameter_shapes, plan_memory)
+from megaclip.memory import GiB, OPTIMIZERS, Checkpointing, Layout, layout_problem, least_recompute_fit, plan_memory
+from megaclip.memory_activations import activation_bytes
+from megaclip.memory_parameters import parameter_shapes
 
 SEED_SIZES = ["clip_B32", "clip_B16", "clip_L14", "clip_H14", "clip_g14", "clip_G14", "clip_e14"]
 TABLE_TPS = [1, 2, 4, 8]

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark import MegaclipStep, random_batch
 from megaclip import distributed
-from megaclip.config import load_config, validate
+from megaclip.config import load_config
+from megaclip.config_checks import validate
 from megaclip.convert import import_library
 from megaclip.convert.open_clip import open_clip_overrides
 

@@ -14,7 +14,8 @@ from typing import Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megaclip.config import load_config, validate
+from megaclip.config import load_config
+from megaclip.config_checks import validate
 
 # Converted models tokenize as the source models do: with CLIP's BPE, which ships with megaclip.
 CLIP_BPE_TOKENIZER = {"library": "clip_bpe", "model": None}

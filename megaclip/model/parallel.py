@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # megaclip.distributed first: it imports megatron-core with a clear message when triton is missing
-from megaclip.distributed import all_gather_into_tensor, all_reduce_coalesced, reduce_scatter_tensor
+from megaclip.distributed import all_gather_into_tensor, reduce_scatter_tensor
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -248,12 +248,7 @@ def scatter_sequence(x: torch.Tensor) -> torch.Tensor:
 
 def mark_sequence_parallel(*modules_or_params) -> None:
     """Replicated parameters applied to a sequence shard see only part of the batch: their gradients
-    must be summed over TP (``allreduce_sequence_parallel_grads``)."""
+    must be summed over TP (the gradient buckets do, ``megaclip.optim.buckets``)."""
     for item in modules_or_params:
         for p in (item.parameters() if isinstance(item, nn.Module) else [item]):
             p.sequence_parallel = True
-
-
-def allreduce_sequence_parallel_grads(params, tp_group) -> None:
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        all_reduce_coalesced([p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)
