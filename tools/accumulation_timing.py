@@ -11,8 +11,6 @@ timed in CPU time, each ratio the median over the rounds of that round's setting
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from megaclip.config import load_config  # noqa: E402
 from megaclip.model import CLIPModel  # noqa: E402
 from megaclip.objectives import build_objective  # noqa: E402
 from megaclip.optim import build_optimizer  # noqa: E402
-from objective_timing import measure  # noqa: E402
+from objective_timing import measure, one_process, print_ratios  # noqa: E402
 
 
 def step(model, optimizer, objective, images, tokens, micro_batches: int, grad_clip: float):
@@ -55,11 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29534"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                       ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    distributed.init(1, "cpu")
+    one_process(port=29534)
     layers = [f"model.{t}.num_layers={args.layers}" for t in ("vision", "text")] if args.layers else []
     cfg = load_config(args.config_name, layers + args.overrides)
     m = cfg.model
@@ -78,14 +72,9 @@ def main(argv=None) -> int:
                     (f"whole batch, tiled loss {args.block}", tiled, 1),
                     (f"{k} micro-batches, tiled loss {args.block}", tiled, k))}
     times = measure(settings, args.rounds)
-    whole = times["whole batch"]
     print(f"{args.config_name}{' ' + ' '.join(layers + args.overrides) if layers or args.overrides else ''} "
           f"({m.loss}), batch {args.batch}, {args.rounds} rounds, 1 CPU thread")
-    print(f"{'setting':36} {'median s':>9} {'ratio to whole (median, min-max over rounds)':>46}")
-    for name, seconds in times.items():
-        ratios = [s / w for s, w in zip(seconds, whole)]
-        print(f"{name:36} {statistics.median(seconds):9.3f} {statistics.median(ratios):>20.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f})")
+    print_ratios(times, "whole batch")
     distributed.shutdown()
     return 0
 

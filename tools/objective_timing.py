@@ -85,6 +85,25 @@ def measure(settings, rounds: int, warmup: int = 2):
     return times
 
 
+def one_process(port: int) -> None:
+    """A one-rank process group on one CPU thread (the timing tools' setting)."""
+    torch.set_num_threads(1)
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    distributed.init(1, "cpu")
+
+
+def print_ratios(times, reference: str) -> None:
+    """The table: each setting's median CPU seconds and its ratio to ``reference``'s step of the same round."""
+    width = max(len(name) for name in times) + 2
+    print(f"{'setting':{width}} {'median s':>9} {'ratio to ' + reference + ' (median, min-max over rounds)':>46}")
+    for name, seconds in times.items():
+        ratios = [s / r for s, r in zip(seconds, times[reference])]
+        print(f"{name:{width}} {statistics.median(seconds):9.3f} {statistics.median(ratios):>20.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-name", default="clip_tiny")
@@ -95,24 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                       ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    distributed.init(1, "cpu")
+    one_process(port=29533)
     layers = [f"model.{t}.num_layers={args.layers}" for t in ("vision", "text")] if args.layers else []
     steps = {name: Step(load_config(args.config_name, layers + args.overrides + keys), args.batch, args.classes)
              for name, keys in OBJECTIVES.items()}
     settings = {**steps, **{f"clip, drop_patch_rate {rate}": with_patch_rate(steps["clip"], rate) for rate in PATCH_RATES}}
     times = measure(settings, args.rounds)
-    clip = times["clip"]
     print(f"{args.config_name}{' ' + ' '.join(layers + args.overrides) if layers or args.overrides else ''}, "
           f"batch {args.batch}, {args.rounds} rounds, 1 CPU thread")
-    print(f"{'setting':32} {'median s':>9} {'ratio to clip (median, min-max over rounds)':>45}")
-    for name, seconds in times.items():
-        ratios = [s / c for s, c in zip(seconds, clip)]
-        print(f"{name:32} {statistics.median(seconds):9.3f} {statistics.median(ratios):>20.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f})")
+    print_ratios(times, "clip")
     distributed.shutdown()
     return 0
 
