@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on one device: retrieval and zero-shot classification.
+"""Evaluate a checkpoint on one device: retrieval and zero-shot classification (a CatLIP model, which
+has no text tower, classifies from its head over its synset vocabulary and retrieves nothing).
 
     python tools/evaluate.py --checkpoint runs/clip/checkpoints                    # retrieval on the run's val split
     python tools/evaluate.py --checkpoint CKPT --val-shards "coco/val-{0000..0004}.tar"
@@ -22,13 +23,15 @@ from megaclip.checkpoint import CheckpointError
 from megaclip.checkpoint.model import load_model_for_inference
 from megaclip.data import prepare
 from megaclip.data.eval_loader import build_eval_loader
+from megaclip.data.samples import DataError
+from megaclip.data.synset_vocab import run_vocabulary
 from megaclip.data.tokenizer import build_tokenizer
 from megaclip.data.transforms import transforms_from_config
 from megaclip.distributed import pick_device
 from megaclip.evaluate import evaluate_retrieval
 from megaclip.monitor import format_metrics
-from megaclip.zeroshot import (OPENAI_TEMPLATES, evaluate_zeroshot, image_folder_batches, labelled_batches, read_class_names,
-                               read_templates, synthetic_task, zeroshot_classifier)
+from megaclip.zeroshot import (OPENAI_TEMPLATES, evaluate_head_zeroshot, evaluate_zeroshot, image_folder_batches,
+                               labelled_batches, read_class_names, read_templates, synthetic_task, zeroshot_classifier)
 
 
 def report(name: str, metrics) -> None:
@@ -50,48 +53,54 @@ def evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device}: no GPU is available")
     model, cfg = load_model_for_inference(args.checkpoint, device)
     m, autocast = cfg.model, contextlib.nullcontext()
-    if model.text is None:
-        raise ValueError(f"{args.checkpoint} is a model.loss={m.loss} model: no text tower to retrieve or classify with "
-                         "(its training run reports zero-shot from its head)")
     fusion = getattr(model, "fusion", None)
     if args.rerank_k and fusion is None:
         raise ValueError(f"--rerank-k: {args.checkpoint} has no fusion layers (model.fusion.num_layers=0) to re-rank with")
     rerank_k = 0 if fusion is None else args.rerank_k if args.rerank_k is not None else m.fusion.rerank_k
     sources = prepare.resolve(m)
-    val_shards = args.val_shards or sources.val_shards
-    if val_shards is None:
-        raise ValueError(f"{args.checkpoint} names no val split (model.data.val_shards): pass --val-shards")
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     _, transform = transforms_from_config(m.vision)
+    if model.text is None:  # CatLIP: no text tower to retrieve with; it classifies from its head
+        if not (args.synthetic_zeroshot or args.zeroshot_folder or args.zeroshot_shards):
+            raise ValueError(f"{args.checkpoint} is a model.loss={m.loss} model: it classifies from its head and "
+                             "retrieves nothing: pass --synthetic-zeroshot, or --zeroshot-folder/--zeroshot-shards with --classes")
+        vocabulary = run_vocabulary(m, sources.train_shards)
 
-    val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
-                            batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
-    metrics = evaluate_retrieval(model, val, device, autocast, rerank_k=rerank_k)
-    if not val.samples:
-        skipped = f" (skipped: {format_metrics(val.skipped)})" if val.skipped else ""
-        raise ValueError(f"no usable samples in the val split {val_shards}{skipped}")
-    report("retrieval", metrics)
-    if val.skipped:
-        report("skipped in the val split", val.skipped)
+        def classify(names, batches):
+            return evaluate_head_zeroshot(model, vocabulary, names, batches, device, autocast)
+    else:
+        def classify(names, batches):
+            classifier = zeroshot_classifier(model, names, templates, tokenizer, device, autocast)
+            return evaluate_zeroshot(model, classifier, batches, device, autocast)
+
+    val_shards = args.val_shards or sources.val_shards
+    if model.text is not None or args.synthetic_zeroshot:
+        if val_shards is None:
+            raise ValueError(f"{args.checkpoint} names no val split (model.data.val_shards): pass --val-shards")
+        val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
+                                batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
+    if model.text is not None:
+        metrics = evaluate_retrieval(model, val, device, autocast, rerank_k=rerank_k)
+        if not val.samples:
+            skipped = f" (skipped: {format_metrics(val.skipped)})" if val.skipped else ""
+            raise ValueError(f"no usable samples in the val split {val_shards}{skipped}")
+        report("retrieval", metrics)
+        if val.skipped:
+            report("skipped in the val split", val.skipped)
     if args.synthetic_zeroshot:
         task = synthetic_task(args.synthetic_zeroshot)
-        classifier = zeroshot_classifier(model, task.classnames, task.templates, tokenizer, device, autocast)
-        report_zeroshot(f"zeroshot synthetic {args.synthetic_zeroshot}",
-                        evaluate_zeroshot(model, classifier, task.batches(val), device, autocast), val_shards)
-    if args.zeroshot_folder or args.zeroshot_shards:
-        classifier = zeroshot_classifier(model, classnames, templates, tokenizer, device, autocast)
-        if args.zeroshot_folder:
-            batches = image_folder_batches(args.zeroshot_folder, transform, batch_size=args.batch_size)
-            if len(batches.dataset.classes) != len(classnames):
-                raise ValueError(f"{args.zeroshot_folder} has {len(batches.dataset.classes)} class folders, "
-                                 f"{args.classes} {len(classnames)} names")
-            report_zeroshot("zeroshot folder", evaluate_zeroshot(model, classifier, batches, device, autocast),
-                            args.zeroshot_folder)
-        if args.zeroshot_shards:
-            labelled = labelled_batches(shards=args.zeroshot_shards, data_cfg=m.data, image_transform=transform,
-                                        tokenizer=tokenizer, batch_size=args.batch_size, label_key=args.label_key)
-            report_zeroshot("zeroshot shards", evaluate_zeroshot(model, classifier, labelled, device, autocast),
-                            args.zeroshot_shards)
+        report_zeroshot(f"zeroshot synthetic {args.synthetic_zeroshot}", classify(task.classnames, task.batches(val)),
+                        val_shards)
+    if args.zeroshot_folder:
+        batches = image_folder_batches(args.zeroshot_folder, transform, batch_size=args.batch_size)
+        if len(batches.dataset.classes) != len(classnames):
+            raise ValueError(f"{args.zeroshot_folder} has {len(batches.dataset.classes)} class folders, "
+                             f"{args.classes} {len(classnames)} names")
+        report_zeroshot("zeroshot folder", classify(classnames, batches), args.zeroshot_folder)
+    if args.zeroshot_shards:
+        labelled = labelled_batches(shards=args.zeroshot_shards, data_cfg=m.data, image_transform=transform,
+                                    tokenizer=tokenizer, batch_size=args.batch_size, label_key=args.label_key)
+        report_zeroshot("zeroshot shards", classify(classnames, labelled), args.zeroshot_shards)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
         p.error("--rerank-k must be >= 0")
     try:
         evaluate(args)
-    except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
+    except (CheckpointError, DataError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0
