@@ -58,6 +58,10 @@ def evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"--rerank-k: {args.checkpoint} has no fusion layers (model.fusion.num_layers=0) to re-rank with")
     rerank_k = 0 if fusion is None else args.rerank_k if args.rerank_k is not None else m.fusion.rerank_k
     sources = prepare.resolve(m)
+    val_shards = args.val_shards or sources.val_shards
+    needs_val = model.text is not None or args.synthetic_zeroshot  # retrieval, or the synthetic labels
+    if needs_val and val_shards is None:
+        raise ValueError(f"{args.checkpoint} names no val split (model.data.val_shards): pass --val-shards")
     tokenizer = build_tokenizer(m.text.tokenizer.library, sources.tokenizer_model, m.text.encoder_seq_length)
     _, transform = transforms_from_config(m.vision)
     if model.text is None:  # CatLIP: no text tower to retrieve with; it classifies from its head
@@ -73,10 +77,7 @@ def evaluate(args: argparse.Namespace) -> None:
             classifier = zeroshot_classifier(model, names, templates, tokenizer, device, autocast)
             return evaluate_zeroshot(model, classifier, batches, device, autocast)
 
-    val_shards = args.val_shards or sources.val_shards
-    if model.text is not None or args.synthetic_zeroshot:
-        if val_shards is None:
-            raise ValueError(f"{args.checkpoint} names no val split (model.data.val_shards): pass --val-shards")
+    if needs_val:
         val = build_eval_loader(val_shards, m.data, dp_rank=0, dp_size=1,
                                 batch_size=args.batch_size, image_transform=transform, tokenizer=tokenizer)
     if model.text is not None:
