@@ -65,6 +65,8 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
     if cfg.trainer.collective_timeout_s <= 0:
         raise ConfigError(f"trainer.collective_timeout_s must be > 0 seconds, got {cfg.trainer.collective_timeout_s}")
     _validate_device(cfg.trainer.device)
+    if cfg.trainer.compile:
+        _validate_compile_backend(cfg.trainer.compile_backend)
     if cfg.trainer.precision not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be 32 or bf16, got '{cfg.trainer.precision}'")
     if m.megatron_amp_O2 and cfg.trainer.precision != "bf16":
@@ -188,6 +190,15 @@ def _validate_ranges(cfg: Any) -> None:
     if v.class_token_length == 0 and not v.global_average_pool:
         raise ConfigError("model.vision.class_token_length=0 needs model.vision.global_average_pool=true "
                           "(otherwise the first class token is the image feature)")
+
+
+def _validate_compile_backend(backend: str) -> None:
+    from torch._dynamo import list_backends  # only when compiling: the import takes seconds
+
+    known = list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"trainer.compile_backend '{backend}' is not a torch.compile backend here; "
+                          f"e.g. inductor (the default), aot_eager, eager")
 
 
 def _validate_device(device: str) -> None:

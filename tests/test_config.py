@@ -23,6 +23,8 @@ def isolated_cwd(tmp_path_factory, monkeypatch):
 
 @pytest.mark.parametrize("world,args,expected", [
     (3, ["tp=3"], "num_attention_heads 4 is not divisible by tensor_model_parallel_size 3"),
+    (1, ["trainer.compile=true", "trainer.compile_backend=inductr"],
+     "trainer.compile_backend 'inductr' is not a torch.compile backend here; e.g. inductor"),
     (4, ["tp=4", "model.text.ffn_hidden_size=254"], "model.text.ffn_hidden_size 254 is not divisible"),
     (3, ["tp=2"], "world size 3 is not divisible by tensor_model_parallel_size 2"),
     (3, ["gbs=64"], "global_batch_size 64 is not divisible by data-parallel size 3"),
