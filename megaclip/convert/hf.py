@@ -86,11 +86,11 @@ def to_hf(full: State, model_cfg: DictConfig) -> Tuple[Dict[str, torch.Tensor], 
     for a model without a text tower (CLIPVisionModelWithProjection's state dict, its CLIPVisionConfig)."""
     config = hf_clip_config(model_cfg)
     heads = {"visual": model_cfg.vision.num_attention_heads, "text": model_cfg.text.num_attention_heads}
+    # an image tower alone: no text layers' q/k/v, and only the visual names of the rest
     names, qkv = _names(model_cfg.vision.num_layers, 0 if image_only(model_cfg) else model_cfg.text.num_layers)
     if image_only(model_cfg):
         names = [(ours, theirs) for ours, theirs in names if ours.startswith("visual.")]
-        full = image_tower(full, "HF", "CLIPVisionModelWithProjection")
-    full = dual_encoder(full, "HF")
+    full = image_tower(full, "HF", "CLIPVisionModelWithProjection") if image_only(model_cfg) else dual_encoder(full, "HF")
     check_names(full, [ours for ours, _ in names] + [ours for ours, _ in qkv], "megaclip")
     out = {}
     for ours, theirs in names:

@@ -135,8 +135,7 @@ def to_open_clip(full: State, model_cfg: DictConfig) -> Dict[str, torch.Tensor]:
     names = _names(model_cfg.vision.num_layers, model_cfg.text.num_layers, _is_siglip(model_cfg))
     if image_only(model_cfg):
         names = [(ours, theirs[len("visual."):]) for ours, theirs in names if ours.startswith("visual.")]
-        full = image_tower(full, "open_clip", "model.visual")
-    full = dual_encoder(full, "open_clip")
+    full = image_tower(full, "open_clip", "model.visual") if image_only(model_cfg) else dual_encoder(full, "open_clip")
     check_names(full, [ours for ours, _ in names], "megaclip")
     out = {}
     for ours, theirs in names:
