@@ -62,7 +62,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, block: int):
         lse = torch.full((q.shape[0],), -math.inf, dtype=q.dtype, device=q.device)
-        for rows, cols in _blocks(q.shape[0], k.shape[0], block):
+        for rows, cols in tiles(q.shape[0], k.shape[0], block):
             lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(scale * (q[rows] @ k[cols].T), dim=1))
         ctx.save_for_backward(q, k, scale, lse)
         ctx.block = block
@@ -72,7 +72,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, scale, lse = ctx.saved_tensors
         grad_q, grad_k, grad_scale = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale)
-        for rows, cols in _blocks(q.shape[0], k.shape[0], ctx.block):
+        for rows, cols in tiles(q.shape[0], k.shape[0], ctx.block):
             dots = q[rows] @ k[cols].T
             softmax = torch.exp(scale * dots - lse[rows, None]) * grad  # d/dlogits of the row's log-sum-exp
             grad_q[rows] += scale * (softmax @ k[cols])
@@ -81,10 +81,13 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
         return grad_q, grad_k, grad_scale, None
 
 
-def _blocks(n_rows: int, n_cols: int, block: int):
-    for r in range(0, n_rows, block):
-        for c in range(0, n_cols, block):
-            yield slice(r, r + block), slice(c, c + block)
+def tiles(n_rows: int, n_cols: int, tile: int):
+    """(rows, columns) slices of the tiles of an n_rows × n_cols matrix, the last ones cut to the edge
+    (their stops are exact: SigLIP sizes its sign tiles by them); one tile when ``tile`` is 0."""
+    tile = tile or max(n_rows, n_cols)
+    for r in range(0, n_rows, tile):
+        for c in range(0, n_cols, tile):
+            yield slice(r, min(r + tile, n_rows)), slice(c, min(c + tile, n_cols))
 
 
 def _cross_entropy(q, k, scale, block: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megaclip.losses import tiles
+
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor, group=None, block_size: int = 0) -> torch.Tensor:
@@ -39,14 +41,6 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
         return RingSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, group, block_size)
 
 
-def _tiles(n: int, tile: int):
-    """(rows, columns) of the tiles of an n×n block; one tile when ``tile`` is 0."""
-    tile = tile or n
-    for r in range(0, n, tile):
-        for c in range(0, n, tile):
-            yield slice(r, min(r + tile, n)), slice(c, min(c + tile, n))
-
-
 def _signs(rows: slice, cols: slice, positive: bool, like: torch.Tensor) -> torch.Tensor:
     """z of one tile: -1 everywhere, +1 where row and column are the same pair (in the block of true pairs)."""
     z = -torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=like.dtype, device=like.device)
@@ -57,7 +51,7 @@ def _signs(rows: slice, cols: slice, positive: bool, like: torch.Tensor) -> torc
 
 def _block_loss(x, y, scale, bias, positive: bool, tile: int) -> torch.Tensor:
     total = 0.0
-    for rows, cols in _tiles(x.shape[0], tile):
+    for rows, cols in tiles(x.shape[0], x.shape[0], tile):
         z = _signs(rows, cols, positive, x)
         total = total - F.logsigmoid(z * (scale * (x[rows] @ y[cols].T) + bias)).sum()
     return total / x.shape[0]
@@ -117,7 +111,7 @@ class RingSigmoidLoss(torch.autograd.Function):
         def block_grad(block, positive):
             """Adds this block's gradients of x, t and b; returns the gradient of the text block."""
             grad_block = torch.zeros_like(block)
-            for rows, cols in _tiles(x.shape[0], ctx.tile):
+            for rows, cols in tiles(x.shape[0], x.shape[0], ctx.tile):
                 dots = x[rows] @ block[cols].T
                 z = _signs(rows, cols, positive, x)
                 # d/dl of -log σ(z l) is -z σ(-z l); the loss divides by the local batch
