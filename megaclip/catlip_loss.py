@@ -4,7 +4,7 @@ on logits split over the classes by tensor parallelism, without gathering them.
 Each TP rank sums the terms of its own classes and the scalar is summed over TP. The total is
 L = Σ_r l_r, so dL/d(rank r's logits) = dl_r/d(rank r's logits): the sum's backward is the identity.
 Over DP, every rank's gradient must be that of its local mean, since the optimizer averages DP
-gradients (megaclip.optim.average_gradients) and the local batches are equal: the mean of the local
+gradients and the local batches are equal: the mean of the local
 means is the global mean. The value is averaged over DP too, with an identity backward, so that
 every rank logs, and guards against non-finite values with, the same global-batch loss, as CLIP's does.
 Hand-written because torch.distributed.nn's all_reduce backward all-reduces the gradient again.

@@ -54,6 +54,14 @@ def allreduce_sequence_parallel_grads(params, tp_group) -> None:
             [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)
 
 
+def average_gradients(params, group) -> None:
+    """Average gradients over the DP group, as the optimizer's gradient buckets do, for tests that compare
+    gradients without building an optimizer."""
+    if group is not None and dist.get_world_size(group) > 1:
+        distributed.all_reduce_coalesced([p.grad for p in params if p.grad is not None], group,
+                                         divide_by=dist.get_world_size(group))
+
+
 def _worker(fn, rank, world_size, tp, port, queue, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))

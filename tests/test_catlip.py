@@ -18,8 +18,8 @@ from megaclip.data.synthetic import SHAPES, render
 from megaclip.memory import Layout, layout_problem, plan_memory
 from megaclip.memory_parameters import parameter_shapes
 from megaclip.model import CLIPModel
-from megaclip.optim import average_gradients, build_optimizer
-from tests.distributed import run_distributed
+from megaclip.optim import build_optimizer
+from tests.distributed import average_gradients, run_distributed
 from tests.helpers import fixed_batch, small_config
 from tests.test_memory import MEDIUM, LiveBytes, optimizer_state_bytes, tensor_bytes
 from tests.test_resume import ENV, ROOT, command, losses

@@ -17,8 +17,7 @@ from megaclip.model import CLIPModel
 from megaclip.model.fusion import CrossAttention
 from megaclip.model.parallel import Linears
 from megaclip.objectives import build_objective
-from megaclip.optim import average_gradients
-from tests.distributed import allreduce_sequence_parallel_grads, run_distributed
+from tests.distributed import allreduce_sequence_parallel_grads, average_gradients, run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
 FUSION = ["model.fusion.num_layers=2", "model.vision.num_attention_heads=4", "model.text.num_attention_heads=4",

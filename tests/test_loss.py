@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from megaclip import distributed
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
-from megaclip.optim import average_gradients, build_optimizer
-from tests.distributed import run_distributed
+from megaclip.optim import build_optimizer
+from tests.distributed import average_gradients, run_distributed
 from tests.helpers import fixed_batch, full_tensors, small_config
 
 BATCH = 4  # per DP rank

@@ -21,9 +21,8 @@ from megaclip.memory_activations import activation_bytes
 from megaclip.memory_parameters import parameter_shapes
 from megaclip.model import CLIPModel
 from megaclip.model.state import load_full_state_dict
-from megaclip.optim import average_gradients
 from megaclip.sigmoid_loss import sigmoid_loss
-from tests.distributed import run_distributed
+from tests.distributed import average_gradients, run_distributed
 from tests.helpers import small_config
 from tests.test_resume import ENV, ROOT, command
 

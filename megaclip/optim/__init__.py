@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from megaclip.optim.adamw import AdamW, average_gradients  # noqa: F401  (average_gradients: for callers)
+from megaclip.optim.adamw import AdamW
 from megaclip.optim.distributed_adam import DistributedFusedAdam
 
 

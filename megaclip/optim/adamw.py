@@ -2,13 +2,11 @@
 non-finite skip on the device, and Adam's state layout."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megaclip.distributed import all_reduce_coalesced
 from megaclip.model.parallel import is_tensor_parallel
 from megaclip.optim.buckets import GradientBuckets
 
@@ -104,12 +102,6 @@ class AdamW(BucketedAdamW, torch.optim.AdamW):
             st = self.state[p] = new_adam_state(p, step)
             for k in MOMENTS:
                 st[k].copy_(lookup(name)[k].view_as(p))
-
-
-def average_gradients(params: Iterable[torch.Tensor], group) -> None:
-    """Average gradients over the DP group with one all-reduce (for gradients outside the optimizer's buckets)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        all_reduce_coalesced([p.grad for p in params if p.grad is not None], group, divide_by=dist.get_world_size(group))
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
