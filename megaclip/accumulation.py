@@ -26,7 +26,7 @@ micro-batch, so the logit scale's gradient comes out k times too large, and it r
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, List, Tuple
+from typing import ContextManager, Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -37,42 +37,54 @@ LOSS_STREAM = 2 ** 62  # seeds from draw_step_seed are below it: the two streams
 
 
 def step(objective, model, images: Tensor, batch: Tensor, micro_batches: int, device: torch.device,
-         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> Tuple[Tensor, Dict[str, Tensor]]:
+         optimizer=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Forward and backward of this rank's batch (``images`` and ``batch``, samples on dim 0, moved to
     ``device`` a micro-batch at a time) in ``micro_batches`` equal parts; returns the loss and its named
-    terms, detached. Every backward but the last runs inside ``no_sync()`` (the optimizer's: gradients
-    only accumulate there; the last backward may start their DP reduction). Called inside the loop's
-    autocast, which both passes then share."""
+    terms, detached. Every backward but the last runs inside ``optimizer.no_sync()`` (gradients only
+    accumulate there; the last backward may start their DP reduction); the GradCache way, the loss's own
+    parameters are handed to ``optimizer.gradients_final`` once the loss pass has given them their whole
+    gradient, so that their reduction starts then. Called inside the loop's autocast, which both passes
+    then share."""
     seed = draw_step_seed()  # the towers' draws; the loss's: seed + LOSS_STREAM
     parts = list(zip(images.chunk(micro_batches), batch.chunk(micro_batches)))
+    optimizer = optimizer or _NoOptimizer()
     if micro_batches == 1 or objective.per_sample:
-        return _plain(objective, model, parts, seed, device, no_sync)
-    return _grad_cache(objective, model, parts, seed, device, no_sync)
+        return _plain(objective, model, parts, seed, device, optimizer)
+    return _grad_cache(objective, model, parts, seed, device, optimizer)
+
+
+class _NoOptimizer:
+    """What step() needs of an optimizer, for callers without one: no reduction to hold back or start."""
+
+    no_sync = staticmethod(contextlib.nullcontext)
+
+    def gradients_final(self, params) -> None:
+        pass
 
 
 def _on(device: torch.device, *tensors: Tensor) -> List[Tensor]:
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def _last_syncs(no_sync, i: int, k: int) -> ContextManager:
-    return contextlib.nullcontext() if i == k - 1 else no_sync()
+def _last_syncs(optimizer, i: int, k: int) -> ContextManager:
+    return contextlib.nullcontext() if i == k - 1 else optimizer.no_sync()
 
 
-def _plain(objective, model, parts, seed: int, device, no_sync) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _plain(objective, model, parts, seed: int, device, optimizer) -> Tuple[Tensor, Dict[str, Tensor]]:
     k, total, terms = len(parts), 0.0, {}
     for i, part in enumerate(parts):
         with drawn_for_step(seed, i, k):
             features = objective.features(model, *_on(device, *part))
         with drawn_for_step(seed + LOSS_STREAM, i, k):
             loss, named = objective.loss(model, features)
-        with _last_syncs(no_sync, i, k):
+        with _last_syncs(optimizer, i, k):
             (loss / k).backward()
         total = total + loss.detach() / k
         terms = {name: terms.get(name, 0.0) + term.detach() / k for name, term in named.items()}
     return total, terms
 
 
-def _grad_cache(objective, model, parts, seed: int, device, no_sync) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _grad_cache(objective, model, parts, seed: int, device, optimizer) -> Tuple[Tensor, Dict[str, Tensor]]:
     k, cached, rng_states = len(parts), [], []
     with torch.no_grad():
         for i, part in enumerate(parts):
@@ -84,15 +96,17 @@ def _grad_cache(objective, model, parts, seed: int, device, no_sync) -> Tuple[Te
     del cached
     with drawn_for_step(seed + LOSS_STREAM):  # the rank's whole batch, as one micro-batch
         loss, terms = objective.loss(model, features)
-    with no_sync():
+    with optimizer.no_sync():
         loss.backward()
+    # complete now (pass 3 does not reach them): their DP reduction may run while pass 3 computes
+    optimizer.gradients_final(objective.loss_only_parameters(model))
     for i, part in enumerate(parts):
         _set_rng_state(rng_states[i], device)
         with drawn_for_step(seed, i, k):
             recomputed = objective.features(model, *_on(device, *part))
         pairs = [(f, whole.grad.chunk(k)[i]) for f, whole in zip(recomputed, features)
                  if f.requires_grad and whole.grad is not None]  # not ids, nor features the loss left unused
-        with _last_syncs(no_sync, i, k):
+        with _last_syncs(optimizer, i, k):
             torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
     _set_rng_state(after, device)
     return loss.detach(), {name: term.detach() for name, term in terms.items()}

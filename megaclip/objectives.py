@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from megaclip import distributed
 from megaclip.catlip_loss import catlip_loss
@@ -56,6 +56,14 @@ class Objective:
 
     def __call__(self, model, images: Tensor, batch: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         return self.loss(model, self.features(model, images, batch))
+
+    @staticmethod
+    def loss_only_parameters(model) -> List[nn.Parameter]:
+        """The parameters only ``loss`` gives gradients to: every trained one outside the towers that
+        ``features`` runs (the learned scalars, the fusion layers). One that a tower shares with the loss
+        (the captioning head is the text tower's token embedding) is the tower's."""
+        in_towers = {id(p) for tower in (model.visual, model.text) if tower is not None for p in tower.parameters()}
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in in_towers]
 
 
 class ClipObjective(Objective):

@@ -144,7 +144,7 @@ def train(cfg, world_size: int) -> TrainResult:
         images, tokens = next(batches)
         with autocast:
             loss, terms = accumulation.step(objective, model, images, tokens, micro_batches(cfg, world_size), device,
-                                            optimizer.no_sync)
+                                            optimizer)
         every = cfg.exp_manager.checkpoint.every_n_steps
         saving = (every and step % every == 0) or step == t.max_steps
         # the host reads the device only every few steps, on log and on checkpoint steps (a stop waits)

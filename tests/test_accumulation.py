@@ -64,7 +64,7 @@ def two_steps(name, micro_batches):
     steps = []
     for step in range(2):
         loss, terms = accumulation.step(objective, model, *rank_batch(cfg, name, step), micro_batches, torch.device("cpu"),
-                                        optimizer.no_sync)
+                                        optimizer)
         norm = optimizer.finish_gradients(cfg.model.optim.grad_clip)
         # copies: the optimizer zeroes its gradient buffers in place, and .grad are views into them
         steps.append((loss.item(), norm.item(), {n: g.clone() for n, (_, g) in full_tensors(model, cfg).items()}))

@@ -6,14 +6,16 @@ import re
 import pytest
 import torch
 
-from megaclip import distributed, precision
+from megaclip import accumulation, distributed, precision
 from megaclip.config import ConfigError, load_config
 from megaclip.config_checks import validate
 from megaclip.losses import ClipLoss
 from megaclip.model import CLIPModel
+from megaclip.objectives import build_objective
 from megaclip.optim import build_optimizer
 from tests.distributed import run_distributed
 from tests.helpers import fixed_batch, small_config
+from tests.test_fusion import FUSION
 
 GLOBAL_BATCH = 8
 SMALL_BUCKETS = "model.optim.bucket_size_mb=0.02"  # ~5k fp32 elements: a dozen buckets in the small model
@@ -85,27 +87,37 @@ def test_overlapped_reduction_composes_with_compiled_layers():
         assert identical and finite and buckets >= 8
 
 
-def started_when_backward_reached_the_image(overlap: bool):
-    """How many buckets had started their reduction when backward computed the images' gradient (the
-    last thing it computes: vision's first layer, after the text tower), and how many there are."""
-    cfg = small_config(SMALL_BUCKETS, f"model.optim.overlap_grad_sync={overlap}")
+def started_when_backward_reached_the_images(overlap: bool, micro_batches: int):
+    """How many buckets had started their reduction when the last backward of the step computed the
+    images' gradient (the last thing it computes: vision's first layer, after the text tower), and how
+    many there are. The fusion objective: its layers come last in the model, so their buckets are the
+    first to start; with micro-batches the step runs the GradCache way, whose loss pass alone reaches
+    them, and they must not hold back the others until the step's end."""
+    cfg = small_config(SMALL_BUCKETS, f"model.optim.overlap_grad_sync={overlap}", *FUSION)
     distributed.seed_everything(5)
     model = CLIPModel(cfg.model)
     optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
-    images, tokens = fixed_batch(cfg, 4)
-    images.requires_grad_(True)
-    seen = []
-    images.register_hook(lambda grad: seen.append(sum(b.started for b in optimizer.gradients.buckets)))
-    ClipLoss(group=distributed.dp_group())(*model(images, tokens)).backward()
+    objective = build_objective(cfg.model, distributed.dp_group())
+    seen, features = [], objective.features
+
+    def features_watching_the_images(model, images, tokens):
+        if torch.is_grad_enabled():  # the passes that backward runs through
+            images = images.clone().requires_grad_(True)
+            images.register_hook(lambda grad: seen.append(sum(b.started for b in optimizer.gradients.buckets)))
+        return features(model, images, tokens)
+
+    objective.features = features_watching_the_images
+    accumulation.step(objective, model, *fixed_batch(cfg, 4), micro_batches, torch.device("cpu"), optimizer)
     optimizer.finish_gradients(1.0)
-    return seen[0], len(optimizer.gradients.buckets)
+    return seen[-1], len(optimizer.gradients.buckets)
 
 
-def test_buckets_start_their_reduction_before_backward_ends():
-    for started, buckets in run_distributed(started_when_backward_reached_the_image, 2, 1, True):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_buckets_start_their_reduction_before_backward_ends(micro_batches):
+    for started, buckets in run_distributed(started_when_backward_reached_the_images, 2, 1, True, micro_batches):
         # all but the buckets of vision's first layers (whose gradients come with the image's)
-        assert buckets // 2 <= started < buckets
-    for started, _ in run_distributed(started_when_backward_reached_the_image, 2, 1, False):
+        assert buckets // 2 <= started < buckets, (started, buckets)
+    for started, _ in run_distributed(started_when_backward_reached_the_images, 2, 1, False, micro_batches):
         assert started == 0
 
 

@@ -34,7 +34,7 @@ def step(model, optimizer, objective, images, tokens, micro_batches: int, grad_c
     """A training step as megaclip.train runs it; returns its CPU time."""
     def run() -> float:
         start = time.process_time()
-        accumulation.step(objective, model, images, tokens, micro_batches, torch.device("cpu"), optimizer.no_sync)
+        accumulation.step(objective, model, images, tokens, micro_batches, torch.device("cpu"), optimizer)
         optimizer.finish_gradients(grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -77,7 +77,7 @@ class MegaclipStep:
 
         self.steps += 1
         with self.autocast:
-            loss, _ = accumulation.step(self.objective, self.model, images, tokens, 1, self.device, self.optimizer.no_sync)
+            loss, _ = accumulation.step(self.objective, self.model, images, tokens, 1, self.device, self.optimizer)
         norm = self.optimizer.finish_gradients(self.cfg.model.optim.grad_clip)
         self.optimizer.step(skip=self.guard.check(self.steps, loss, norm, read=False).skip)
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,8 @@ from megaclip.optim.distributed_adam import DistributedFusedAdam
 def build_optimizer(model: nn.Module, model_cfg, dp_group=None, tp_group=None) -> torch.optim.Optimizer:
     """fused_adam: AdamW on the fp32 model, or on fp32 master weights when the model is bf16 (O2);
     distributed_fused_adam: master weights and moments sharded over the DP group (ZeRO-1).
-    Either way: backward (every one but the last of an optimizer step inside ``no_sync()``), then
+    Either way: backward (every one but the last of an optimizer step inside ``no_sync()``;
+    ``gradients_final(params)`` for parameters complete before the last), then
     ``finish_gradients(max_norm)`` (waits for the DP reduction, clips, returns the norm), then
     ``step(skip=flag)`` and ``zero_grad()``."""
     optim_cfg = model_cfg.optim

@@ -56,6 +56,11 @@ class BucketedAdamW:
         accumulate, nothing is reduced over DP."""
         return self.gradients.no_sync()
 
+    def gradients_final(self, params) -> None:
+        """These parameters' gradients are complete before the last backward of the step (a GradCache
+        loss pass): their DP reduction may start now."""
+        self.gradients.mark_final(params)
+
     def wait_for_params(self) -> None:
         """Weights still being gathered after step() are complete after this (the distributed
         optimizer's overlap_param_sync); here they always are."""

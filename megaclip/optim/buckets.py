@@ -123,6 +123,20 @@ class GradientBuckets:
             raise RuntimeError("a gradient arrived after its bucket's reduction had started: run every backward "
                                "but the last of an optimizer step inside optimizer.no_sync()")
         bucket.ready.add(id(p))
+        self._start_ready()
+
+    @torch.no_grad()
+    def mark_final(self, params) -> None:
+        """These parameters' gradients are complete for this optimizer step (no later backward reaches
+        them): count them ready, so that their buckets need not wait for ``reduce()``. A gradient that
+        still arrives for one after its bucket started is refused by the hook, as above."""
+        if not self.overlap:
+            return
+        for p in params:
+            self._owner[id(p)].ready.add(id(p))
+        self._start_ready()
+
+    def _start_ready(self) -> None:
         while self._next < len(self.buckets) and len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
             self._start(self.buckets[self._next])
 
