@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from megaclip import accumulation, distributed
+from megaclip import accumulation, distributed, precision
 from megaclip.config import load_config
 from megaclip.memory import GiB, Layout, least_recompute_fit
 from megaclip.memory_activations import activation_bytes
@@ -119,6 +119,39 @@ def assert_equal_steps(splits, name, k):
             torch.testing.assert_close(params[n], ref, rtol=1e-5, atol=1e-6, msg=n)
     if name != "catlip":  # the scalars' gradients come from the loss over the whole batch, once
         assert splits[0][(name, k)][0][0][2]["logit_scale"].abs().item() > 1e-4
+
+
+def o2_gradients(name, micro_batches):
+    """bf16 O2: the loss, the norm and the fp32 gradient buffers (reduced over DP, not clipped) of one step."""
+    cfg, model, objective = build(name, "precision=bf16", "model.megatron_amp_O2=true")
+    model = precision.prepare_model(model, cfg)
+    optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
+    with precision.autocast(cfg, torch.device("cpu")):
+        loss, _ = accumulation.step(objective, model, *rank_batch(cfg, name, 0), micro_batches, torch.device("cpu"), optimizer)
+    norm = optimizer.finish_gradients(0.0)
+    return loss.item(), norm.item(), {n: p.main_grad.clone() for n, p in model.named_parameters()}
+
+
+def o2_splits(names):
+    return {(name, k): o2_gradients(name, k) for name in names for k in (1, 2)}
+
+
+def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
+    names = ["clip-global", "siglip", "fusion"]
+    for rank in run_distributed(o2_splits, 2, 1, names):
+        for name in names:
+            (ref_loss, ref_norm, ref), (loss, norm, grads) = rank[(name, 1)], rank[(name, 2)]
+            # bf16 towers (eps 2^-8): a micro-batch's bf16 weight gradient is rounded to 8 bits before it is
+            # added to the fp32 buffer, the whole batch's once, and the two micro-batches' parts partly
+            # cancel, so a tensor's gradient moves by a few eps of its norm (about 1e-2 measured); 2^-5
+            # allows for that and is still far below what the test guards against: the logit scale
+            # counted twice (100 %), a micro-batch lost or counted twice (tens of %). The loss and the
+            # scalars' gradients are computed in fp32 from the same bf16 features (GradCache's pass 1
+            # runs the forward pass 3 runs): equal to fp32 rounding of the features' rounding, 2^-8.
+            assert loss == pytest.approx(ref_loss, rel=2 ** -8) and norm == pytest.approx(ref_norm, rel=2 ** -5)
+            for n, g in ref.items():
+                assert (grads[n] - g).norm() <= 2 ** -5 * g.norm(), (name, n)
+            assert grads["logit_scale"].item() == pytest.approx(ref["logit_scale"].item(), rel=2 ** -8)
 
 
 def gradients_with_dropout(name, micro_batches, replay=True):
