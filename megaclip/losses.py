@@ -8,9 +8,13 @@ ranks.
 
 With ``block_size`` the loss is tiled: each cross-entropy is Σ_i [logsumexp_j(t x_i·y_j) − t x_i·y_i],
 and the log-sum-exps are taken over blocks of rows and columns, accumulated online (Inf-CL's scheme,
-on the DP group's gathered features), so the rows × columns logits never exist at once; backward
-recomputes each block from the features and the saved per-row log-sum-exp. Memory then grows with the
-batch linearly (features), not quadratically (logits), which is what a rank's whole batch under
+on the DP group's gathered features), so the rows × columns logits never exist at once. The global
+loss's two directions are the rows and the columns of one matrix, so each tile's logits are computed
+once (one matmul) for both; backward recomputes each tile once from the features and the saved
+log-sum-exps and takes both directions' gradients from it (three matmuls per tile: the whole logits'
+two plus the recomputation). The local loss's two directions are two matrices (this rank's images
+against all texts, its texts against all images), each needing only its rows. Memory then grows with
+the batch linearly (features), not quadratically (logits), which is what a rank's whole batch under
 gradient accumulation needs.
 """
 from __future__ import annotations
@@ -56,29 +60,39 @@ def gather_features(x: torch.Tensor, group, with_grad: bool) -> torch.Tensor:
 
 
 class _BlockwiseLogSumExp(torch.autograd.Function):
-    """Σ_i logsumexp_j(t q_i·k_j) and its gradients, block by block (``block`` rows and columns); saves
-    only q, k, t and the n per-row results. Hand-written: torch's cross-entropy takes whole logits."""
+    """The log-sum-exps of the rows of the logits t q·kᵀ and, with ``columns``, of its columns (else an
+    empty tensor), and their gradients, tile by tile (``block`` rows and columns): one matmul per tile
+    gives both. Saves only q, k, t and the results. Hand-written: torch's cross-entropy takes whole logits."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, block: int):
-        lse = torch.full((q.shape[0],), -math.inf, dtype=q.dtype, device=q.device)
+    def forward(ctx, q, k, scale, block: int, columns: bool):
+        row_lse = torch.full((q.shape[0],), -math.inf, dtype=q.dtype, device=q.device)
+        col_lse = torch.full((k.shape[0] if columns else 0,), -math.inf, dtype=q.dtype, device=q.device)
         for rows, cols in tiles(q.shape[0], k.shape[0], block):
-            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(scale * (q[rows] @ k[cols].T), dim=1))
-        ctx.save_for_backward(q, k, scale, lse)
-        ctx.block = block
-        return lse.sum()
+            logits = scale * (q[rows] @ k[cols].T)
+            row_lse[rows] = torch.logaddexp(row_lse[rows], torch.logsumexp(logits, dim=1))
+            if columns:
+                col_lse[cols] = torch.logaddexp(col_lse[cols], torch.logsumexp(logits, dim=0))
+        ctx.save_for_backward(q, k, scale, row_lse, col_lse)
+        ctx.block, ctx.columns = block, columns
+        return row_lse, col_lse
 
     @staticmethod
-    def backward(ctx, grad):
-        q, k, scale, lse = ctx.saved_tensors
+    def backward(ctx, grad_rows, grad_cols):
+        q, k, scale, row_lse, col_lse = ctx.saved_tensors
         grad_q, grad_k, grad_scale = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale)
         for rows, cols in tiles(q.shape[0], k.shape[0], ctx.block):
-            dots = q[rows] @ k[cols].T
-            softmax = torch.exp(scale * dots - lse[rows, None]) * grad  # d/dlogits of the row's log-sum-exp
-            grad_q[rows] += scale * (softmax @ k[cols])
-            grad_k[cols] += scale * (softmax.T @ q[rows])
-            grad_scale += (softmax * dots).sum()
-        return grad_q, grad_k, grad_scale, None
+            logits = scale * (q[rows] @ k[cols].T)
+            # d/dlogits: each row's softmax times its log-sum-exp's gradient, plus each column's
+            weights = (logits - row_lse[rows, None]).exp_().mul_(grad_rows[rows, None])
+            if ctx.columns:
+                weights += (logits - col_lse[cols]).exp_().mul_(grad_cols[cols])
+            del logits  # before the next tile's: at most three tiles alive, as the memory planner counts
+            product = weights @ k[cols]
+            grad_q[rows] += scale * product
+            grad_k[cols] += scale * (weights.T @ q[rows])
+            grad_scale += (q[rows] * product).sum()  # Σ_ij weights_ij q_i·k_j without the tile's dot products
+        return grad_q, grad_k, grad_scale, None, None
 
 
 def tiles(n_rows: int, n_cols: int, tile: int):
@@ -90,10 +104,21 @@ def tiles(n_rows: int, n_cols: int, tile: int):
             yield slice(r, min(r + tile, n_rows)), slice(c, min(c + tile, n_cols))
 
 
-def _cross_entropy(q, k, scale, block: int) -> torch.Tensor:
-    """Mean over q's rows of the cross-entropy of logits t q·kᵀ whose true column for row i is i."""
-    positives = (q * k[:q.shape[0]]).sum()
-    return (_BlockwiseLogSumExp.apply(q, k, scale, block) - scale * positives) / q.shape[0]
+def _tiled_loss(image_features, text_features, all_image, all_text, logit_scale, rank: int, local: bool, block: int):
+    """The mean of both directions' cross-entropies from the blockwise log-sum-exps: for the global loss
+    the rows and columns of the gathered features' logits; for the local loss this rank's rows of the
+    two matrices, whose true pairs are the columns rank·B + i."""
+    if local:
+        batch = image_features.shape[0]
+        mine = slice(rank * batch, (rank + 1) * batch)
+        image_lse, _ = _BlockwiseLogSumExp.apply(image_features, all_text, logit_scale, block, False)
+        text_lse, _ = _BlockwiseLogSumExp.apply(text_features, all_image, logit_scale, block, False)
+        positives = (image_features * all_text[mine]).sum() + (text_features * all_image[mine]).sum()
+    else:
+        batch = all_image.shape[0]
+        image_lse, text_lse = _BlockwiseLogSumExp.apply(all_image, all_text, logit_scale, block, True)
+        positives = 2 * (all_image * all_text).sum()
+    return (image_lse.sum() + text_lse.sum() - logit_scale * positives) / (2 * batch)
 
 
 class ClipLoss(nn.Module):
@@ -123,12 +148,8 @@ class ClipLoss(nn.Module):
             all_image, all_text = image_features, text_features
 
         if self.block_size:
-            if self.local_loss:  # this rank's rows against all columns; its true pairs are columns rank·B + i
-                others = lambda all_features: all_features.roll(-rank * batch, dims=0)
-                return (_cross_entropy(image_features, others(all_text), logit_scale, self.block_size)
-                        + _cross_entropy(text_features, others(all_image), logit_scale, self.block_size)) / 2
-            return (_cross_entropy(all_image, all_text, logit_scale, self.block_size)
-                    + _cross_entropy(all_text, all_image, logit_scale, self.block_size)) / 2
+            return _tiled_loss(image_features, text_features, all_image, all_text, logit_scale, rank,
+                               self.local_loss, self.block_size)
         if self.local_loss:
             logits_per_image = logit_scale * image_features @ all_text.T
             logits_per_text = logit_scale * text_features @ all_image.T

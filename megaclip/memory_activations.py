@@ -30,9 +30,10 @@ of ln_post's output, T·h·r, unless autocast saves a bf16 copy or global averag
 and the projection output b·o·c; the head is freed before the backward reaches the layers.
 The loss, fp32, over N = d·b samples with R = b (local_loss) or N rows, keeps the normalised features
 of the DP batch 2·N·o·4 and both directions' log-softmax 2·R·N·4; its backward adds 2·R·N·4. Tiled
-(model.loss_block_size l) it keeps the features (twice for local_loss: its columns rolled) and the
-per-row log-sum-exps 2·R·4; its backward adds the feature gradients 2·N·o·4 + 2·R·o·4 and one block's
-logits, probabilities and product 3·l²·4 (an estimate: within 10 % of the live bytes on CPU).
+(model.loss_block_size l) it keeps the features and the log-sum-exps 2·R·4 (the local loss's rows of
+its two matrices, the global loss's rows and columns of one); its backward adds the feature gradients
+2·N·o·4 + 2·R·o·4 and one tile's logits, softmax weights and a temporary 3·l²·4 (an estimate: within
+10 % of the live bytes on CPU).
 SigLIP's loss (megaclip.sigmoid_loss) keeps only the local features 2·b·o·4, whatever d; its backward
 adds the feature gradients 2·b·o·4, one block's (or with l, one tile's) logits and the terms of their
 gradient 6·b²·4 (6·l²·4), and per stream round the ring (min(d - 1, 2)) the message [block, its
@@ -179,10 +180,9 @@ def _loss(model_cfg, layout: Layout) -> Tuple[int, int]:
     samples = layout.dp * layout.micro_batch
     rows = layout.micro_batch if model_cfg.local_loss else samples
     features = 2 * samples * o * 4
-    if block:  # per-row log-sum-exps instead of logits (the local loss keeps its columns rolled, a copy)
+    if block:  # log-sum-exps instead of logits
         tile = min(block, samples)
-        kept = features * (2 if model_cfg.local_loss else 1) + 2 * rows * 4
-        return kept, features + 2 * rows * o * 4 + 3 * tile * tile * 4
+        return features + 2 * rows * 4, features + 2 * rows * o * 4 + 3 * tile * tile * 4
     return features + 2 * rows * samples * 4, 2 * rows * samples * 4
 
 
