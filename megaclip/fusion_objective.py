@@ -9,7 +9,9 @@ matching (ITM) on hard negatives and causal captioning, both through the fusion 
   at uniforms drawn for the whole global batch as the regularisers draw (the optimizer step's
   generator, or torch's global one; either is seeded and consumed alike on every rank): every TP rank
   draws the same negatives without communicating, a resumed run draws the same, and any TP/DP layout
-  draws what one process draws.
+  draws what one process draws. With model.loss_block_size the rows are drawn that many at a time, so
+  no more than block × global batch similarities exist at once (under accumulation the rows are the
+  rank's whole batch).
   The drawn rows reach the rank that scores them by one all_to_all (megaclip.exchange). The loss is
   the cross-entropy over (positives, image-side negatives, text-side negatives).
 - Captioning: the text tower is causal already, so a second pass through the few fusion layers with a
@@ -53,12 +55,22 @@ def draw_negatives(logits: torch.Tensor, own: torch.Tensor, caption_id: torch.Te
     return drawn.clamp(max=len(caption_id) - 1)  # u * total rounding up to the total
 
 
-def sample_hard_negatives(image_logits, text_logits, own, caption_id, uniforms):
+def sample_hard_negatives(image_logits, text_logits, own, caption_id, uniforms, block: int = 0):
     """(a caption for each of this rank's images, an image for each of its captions), global indices:
-    ``image_logits`` [rows, N] this rank's images against every caption, ``text_logits`` its captions
-    against every image, ``uniforms`` [2, rows]."""
-    return (draw_negatives(image_logits, own, caption_id, uniforms[0]),
-            draw_negatives(text_logits, own, caption_id, uniforms[1]))
+    ``image_logits(rows)`` [rows, N] gives the ``rows`` (a slice) of this rank's images against every
+    caption, ``text_logits(rows)`` of its captions against every image; ``uniforms`` [2, rows]. Drawn
+    ``block`` rows at a time (0: all at once), so one block's logits and temporaries exist at a time.
+    The blocks draw what all rows at once draw: a row's draw depends on its own logits and uniform only
+    (draw_negatives), and its logits are its own row of q @ kᵀ, the same product of the same values in
+    any block (a BLAS that rounded a row differently for another row count could change a draw only
+    when its uniform fell within that rounding of a step of the CDF: 1e-5 of the draws or fewer)."""
+    step = block or len(own)
+    blocks = [slice(r, min(r + step, len(own))) for r in range(0, len(own), step)]
+
+    def draw(logits, u):
+        return torch.cat([draw_negatives(logits(rows), own[rows], caption_id, u[rows]) for rows in blocks])
+
+    return draw(image_logits, uniforms[0]), draw(text_logits, uniforms[1])
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,6 +90,7 @@ class FusionObjective(Objective):
         self.itm_weight = model_cfg.fusion.itm_weight
         self.lm_weight = model_cfg.fusion.lm_weight
         self.vocab_size = model_cfg.text.vocab_size
+        self.block_size = model_cfg.get("loss_block_size", 0)  # get: configs saved before the key
         self.sample_negatives = sample_hard_negatives
 
     def features(self, model, images, tokens):
@@ -113,9 +126,10 @@ class FusionObjective(Objective):
             own = torch.arange(rank * batch, (rank + 1) * batch, device=tokens.device)
             uniforms = rows_of_global_batch(lambda rows, g: torch.rand(rows, 2, generator=g, device=tokens.device),
                                             batch, tokens.device).T
+            all_image, all_text = gather(image_features), gather(text_features)
             text_for_image, image_for_text = self.sample_negatives(
-                scale * image_features @ gather(text_features).T, scale * text_features @ gather(image_features).T,
-                own, caption_id, uniforms)
+                lambda rows: scale * image_features[rows] @ all_text.T,
+                lambda rows: scale * text_features[rows] @ all_image.T, own, caption_id, uniforms, self.block_size)
         negative_states = fetch_rows(text_states, gather(text_for_image).view(size, batch), self.dp_group)
         negative_images = fetch_rows(image_tokens, gather(image_for_text).view(size, batch), self.dp_group)
         match = model.fusion.match_logits(torch.cat([image_tokens, image_tokens, negative_images]),

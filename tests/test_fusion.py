@@ -66,6 +66,23 @@ def test_sampler_edges():
     assert torch.equal(draw_negatives(logits[2:], own[2:], own, u[2:]), whole[2:])
 
 
+def test_sampler_in_blocks_draws_what_all_rows_at_once_draw():
+    """Rows 5..14 of a global batch of 20 (a rank's rows), in blocks that divide them or not: the logits
+    are asked for a block's rows at a time, and the same kernels on the same rows' values draw exactly
+    the same."""
+    g = torch.Generator().manual_seed(0)
+    image_logits, text_logits = torch.randn(10, 20, generator=g) * 3, torch.randn(10, 20, generator=g) * 3
+    own, caption_id, uniforms = torch.arange(5, 15), torch.arange(20) // 2, torch.rand(2, 10, generator=g)
+    draws, asked = {}, {}
+    for block in (0, 3, 7):
+        asked[block] = []
+        draws[block] = sample_hard_negatives(lambda rows: asked[block].append(rows) or image_logits[rows],
+                                             lambda rows: text_logits[rows], own, caption_id, uniforms, block)
+    assert [(r.start, r.stop) for r in asked[3]] == [(0, 3), (3, 6), (6, 9), (9, 10)] and len(asked[0]) == 1
+    for block in (3, 7):
+        assert all(torch.equal(x, y) for x, y in zip(draws[block], draws[0]))
+
+
 def _rows_exchange():
     """Rank r holds rows 10r.. of a global batch; each rank asks for rows anywhere (repeats too)."""
     rank, size = distributed.dp_rank(), distributed.dp_size()
@@ -83,7 +100,7 @@ def test_fetch_rows_moves_the_asked_rows_and_returns_their_gradients():
     assert grad0[:, 0].tolist() == [2, 1, 3] and grad1[:, 0].tolist() == [0, 2, 4]
 
 
-def fixed_negatives(image_logits, text_logits, own, caption_id, uniforms):
+def fixed_negatives(image_logits, text_logits, own, caption_id, uniforms, block):
     """A fixed draw, the same for any layout: image i's caption i+1, caption i's image i+3 (mod N),
     crossing DP ranks."""
     n = len(caption_id)
@@ -160,6 +177,15 @@ def test_every_tp_rank_draws_the_same_negatives():
     results = run_distributed(fusion_loss_and_grads, 2, 2, [], 2 * BATCH, True)
     (draw0,), (draw1,) = results[0][2], results[1][2]
     assert all(torch.equal(a, b) for a, b in zip(draw0, draw1))
+
+
+def test_the_objective_draws_in_blocks_of_loss_block_size():
+    """model.loss_block_size reaches the sampler; the features' rows 3 at a time (3, 3, 2 of 8) draw what
+    all 8 draw (see the sampler's text for why exactly)."""
+    assert build_objective(small_config(*FUSION, "model.loss_block_size=3").model, None).block_size == 3
+    (tiled,), (whole,) = (run_distributed(fusion_loss_and_grads, 1, 1, overrides, 2 * BATCH, True)[0][2]
+                          for overrides in (["model.loss_block_size=3"], []))
+    assert all(torch.equal(a, b) for a, b in zip(tiled, whole))
 
 
 def test_inference_api():
