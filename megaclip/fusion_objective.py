@@ -23,12 +23,15 @@ matching (ITM) on hard negatives and causal captioning, both through the fusion 
 Per DP rank both terms are means over its own pairs / tokens scaled so that the DP mean of the ranks'
 losses is the global mean; with the DP gradient average that gives exactly the global gradient
 (negatives scored on another rank send their gradient home through the all_to_all's backward).
+Under accumulation both terms run through the fusion layers a micro-batch of rows at a time, each
+chunk checkpointed (``_over_rows``), so the loss pass's memory is one chunk's, not the rank's batch's.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # megaclip's modules first: megaclip.distributed imports megatron-core with a clear message when triton is missing
 from megaclip.exchange import fetch_rows
@@ -91,6 +94,7 @@ class FusionObjective(Objective):
         self.lm_weight = model_cfg.fusion.lm_weight
         self.vocab_size = model_cfg.text.vocab_size
         self.block_size = model_cfg.get("loss_block_size", 0)  # get: configs saved before the key
+        self.chunk = model_cfg.get("micro_batch_size") or 0  # the fusion terms' rows at a time; 0: all at once
         self.sample_negatives = sample_hard_negatives
 
     def features(self, model, images, tokens):
@@ -132,9 +136,9 @@ class FusionObjective(Objective):
                 lambda rows: scale * text_features[rows] @ all_image.T, own, caption_id, uniforms, self.block_size)
         negative_states = fetch_rows(text_states, gather(text_for_image).view(size, batch), self.dp_group)
         negative_images = fetch_rows(image_tokens, gather(image_for_text).view(size, batch), self.dp_group)
-        match = model.fusion.match_logits(torch.cat([image_tokens, image_tokens, negative_images]),
-                                          torch.cat([text_states, negative_states, text_states]),
-                                          torch.cat([tokens, all_tokens[text_for_image], tokens]))
+        match = self._over_rows(model.fusion.match_logits, [(image_tokens, text_states, tokens),
+                                                             (image_tokens, negative_states, all_tokens[text_for_image]),
+                                                             (negative_images, text_states, tokens)])
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match.device)
         return F.cross_entropy(match.float(), labels)
 
@@ -142,12 +146,34 @@ class FusionObjective(Objective):
         """Next-token cross-entropy over the caption tokens up to its end-of-text token, through the
         fusion layers under a causal mask; the mean over the global batch's tokens (see the module)."""
         rank, size = self._dp()
-        fused = model.fusion(image_tokens, text_states, causal=True)
-        logits = caption_logits(fused[:, :-1], model.text.token_embedding.weight, self.vocab_size)
-        end = (tokens == model.fusion.eot_id).int().argmax(dim=1, keepdim=True)
-        counted = torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < end  # targets up to end
-        nll = torch.where(counted, token_nll(logits, tokens[:, 1:]), 0.0)
+        counted = self._caption_targets(model, tokens)
+
+        def caption_nll(image_tokens, text_states, tokens):  # each caption's summed next-token NLL
+            fused = model.fusion(image_tokens, text_states, causal=True)
+            logits = caption_logits(fused[:, :-1], model.text.token_embedding.weight, self.vocab_size)
+            return torch.where(self._caption_targets(model, tokens), token_nll(logits, tokens[:, 1:]), 0.0).sum(dim=1)
+
+        nll = self._over_rows(caption_nll, [(image_tokens, text_states, tokens)])
         count = counted.sum().float()
         if size > 1:
             dist.all_reduce(count, group=self.dp_group)
         return nll.sum() * size / count.clamp(min=1)
+
+    @staticmethod
+    def _caption_targets(model, tokens):
+        """Which next-token targets count: those up to each caption's end-of-text token."""
+        end = (tokens == model.fusion.eot_id).int().argmax(dim=1, keepdim=True)
+        return torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < end
+
+    def _over_rows(self, fn, groups):
+        """``fn`` over the rows of every group of row-aligned tensors, results concatenated in order. All
+        rows at once without micro-batches; under accumulation (whose loss pass sees the rank's whole
+        batch) a micro-batch of rows at a time, each chunk checkpointed, so that only one chunk's
+        fusion activations and captioning logits exist at once: recomputed in its backward (dropout
+        replayed), as the towers' micro-batches are. The checkpoints keep only the chunks' inputs,
+        slices of tensors the loss holds anyway."""
+        if not self.chunk or all(len(group[0]) <= self.chunk for group in groups):
+            return fn(*(torch.cat(column) if len(groups) > 1 else column[0] for column in zip(*groups)))
+        return torch.cat([checkpoint(fn, *(t[start:start + self.chunk] for t in group), use_reentrant=False,
+                                     preserve_rng_state=True)
+                          for group in groups for start in range(0, len(group[0]), self.chunk)])

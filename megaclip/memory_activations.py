@@ -216,29 +216,34 @@ def _fusion(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
     sides' negatives) + b for captioning; each layer keeps what a text layer keeps for P·s tokens plus
     its cross-attention's (LN input and output, q, attention output, log-sum-exp, and k, v and the
     kv input over the P·s_v image tokens); before the layers the pairs' image tokens and their
-    projection, P·s_v·(h_v + h); the captioning logits 2·P/4·s·V/t fp32 (kept and their softmax)."""
+    projection, P·s_v·(h_v + h); the captioning logits 2·c/4·s·V/t fp32 for c captions (kept and their
+    softmax). Under GradCache the terms run a micro-batch of b rows at a time, each chunk checkpointed
+    (megaclip.fusion_objective): one chunk's activations at most (b pairs, b captions' logits), beside
+    the negatives fetched for the rank's batch, its b·k image tokens and text states."""
     if not fusion_layer_count(model_cfg):
         return 0, 0
     from megaclip.model.fusion import fusion_config
 
     f, b, t = fusion_config(model_cfg), layout.micro_batch, layout.tp
-    pairs = b * ((3 if model_cfg.fusion.itm_weight else 0) + (1 if model_cfg.fusion.lm_weight else 0))
+    itm, lm = bool(model_cfg.fusion.itm_weight), bool(model_cfg.fusion.lm_weight)
     padding = layout.tp if layout.sequence_parallel else 1
     s, s_v, h = sequence_length(f, vision=False, multiple=padding), sequence_length(model_cfg.vision, vision=True), f.hidden_size
+    chunked = _grad_cache(model_cfg, layout)
+    pairs = b if chunked else b * (3 * itm + lm)
+    negatives = itm * chunked * b * layout.micro_batches * (s_v * model_cfg.vision.hidden_size + s * model_cfg.text.hidden_size) * e.compute
     tokens, image_tokens = pairs * s, pairs * s_v
     _, full, working = _layer(f, tokens, layout, e)
     q = t if layout.sequence_parallel else 1
     cross = (2 * tokens * h * e.residual // q + 8 * tokens // q + tokens * h * e.linear + image_tokens * h * e.linear
              + (2 * tokens * h + 2 * image_tokens * h) * e.compute // t + 4 * tokens * f.num_attention_heads // t)
-    start = image_tokens * (model_cfg.vision.hidden_size * e.residual + h * e.compute)
-    logits = 2 * 4 * b * s * padded_vocab_size(model_cfg.text.vocab_size, t) // t if model_cfg.fusion.lm_weight else 0
-    return start + f.num_layers * (full + cross) + logits, working + logits
+    start = image_tokens * ((0 if chunked else model_cfg.vision.hidden_size * e.residual) + h * e.compute)  # chunks: views
+    logits = 2 * 4 * b * s * padded_vocab_size(model_cfg.text.vocab_size, t) // t if lm else 0
+    return negatives + start + f.num_layers * (full + cross) + logits, working + logits
 
 
 def objective_bytes(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
     """(bytes the loss and the fusion terms keep, bytes their backward adds), over the batch the loss sees."""
-    loss_layout = _loss_layout(model_cfg, layout)
-    return tuple(a + b for a, b in zip(_loss(model_cfg, loss_layout), _fusion(model_cfg, loss_layout, e)))
+    return tuple(a + b for a, b in zip(_loss(model_cfg, _loss_layout(model_cfg, layout)), _fusion(model_cfg, layout, e)))
 
 
 def activation_bytes(model_cfg, layout: Layout) -> Activations:

@@ -59,7 +59,8 @@ def rank_batch(cfg, name, step):
 def two_steps(name, micro_batches):
     """Per optimizer step: the loss and the full-size gradients after the DP average and clipping; then the
     parameters after both updates."""
-    cfg, model, objective = build(name, "model.optim.grad_clip=0.05")
+    # mbs as the loop would set it: the fusion objective runs its terms a micro-batch of rows at a time
+    cfg, model, objective = build(name, "model.optim.grad_clip=0.05", f"mbs={BATCH // distributed.dp_size() // micro_batches}")
     optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
     steps = []
     for step in range(2):
@@ -123,7 +124,8 @@ def assert_equal_steps(splits, name, k):
 
 def o2_gradients(name, micro_batches):
     """bf16 O2: the loss, the norm and the fp32 gradient buffers (reduced over DP, not clipped) of one step."""
-    cfg, model, objective = build(name, "precision=bf16", "model.megatron_amp_O2=true")
+    cfg, model, objective = build(name, "precision=bf16", "model.megatron_amp_O2=true",
+                                  f"mbs={BATCH // distributed.dp_size() // micro_batches}")
     model = precision.prepare_model(model, cfg)
     optimizer = build_optimizer(model, cfg.model, distributed.dp_group(), distributed.tp_group())
     with precision.autocast(cfg, torch.device("cpu")):
@@ -142,15 +144,20 @@ def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
         for name in names:
             (ref_loss, ref_norm, ref), (loss, norm, grads) = rank[(name, 1)], rank[(name, 2)]
             # bf16 towers (eps 2^-8): a micro-batch's bf16 weight gradient is rounded to 8 bits before it is
-            # added to the fp32 buffer, the whole batch's once, and the two micro-batches' parts partly
-            # cancel, so a tensor's gradient moves by a few eps of its norm (about 1e-2 measured); 2^-5
-            # allows for that and is still far below what the test guards against: the logit scale
-            # counted twice (100 %), a micro-batch lost or counted twice (tens of %). The loss and the
-            # scalars' gradients are computed in fp32 from the same bf16 features (GradCache's pass 1
-            # runs the forward pass 3 runs): equal to fp32 rounding of the features' rounding, 2^-8.
+            # added to the fp32 buffer, the whole batch's once, and bf16 matmuls over fewer rows may round
+            # activations differently by an ulp; the whole gradient then moves by a few eps of its norm
+            # (3e-3 measured), hence 2^-5. A tensor whose gradient is a sum of many cancelling terms (the
+            # fusion layers' LayerNorms, run a micro-batch of rows at a time: their gradient's norm is a
+            # small part of its terms') keeps fewer digits: up to 1e-1 measured, hence 2^-2 per tensor.
+            # Both are far below what the test guards against: the logit scale counted twice (100 %), a
+            # micro-batch lost or counted twice (50 % at k = 2, of the whole gradient and of every tensor);
+            # the fp32 tests above check every tensor to 1e-5. The loss and the scalars' gradients are
+            # computed in fp32 from bf16 features that pass 1 and pass 3 compute alike: 2^-8.
             assert loss == pytest.approx(ref_loss, rel=2 ** -8) and norm == pytest.approx(ref_norm, rel=2 ** -5)
+            difference = torch.stack([(grads[n] - g).norm() for n, g in ref.items()]).norm()
+            assert difference <= 2 ** -5 * torch.stack([g.norm() for g in ref.values()]).norm(), name
             for n, g in ref.items():
-                assert (grads[n] - g).norm() <= 2 ** -5 * g.norm(), (name, n)
+                assert (grads[n] - g).norm() <= 2 ** -2 * g.norm(), (name, n)
             assert grads["logit_scale"].item() == pytest.approx(ref["logit_scale"].item(), rel=2 ** -8)
 
 
@@ -272,6 +279,18 @@ def test_planner_counts_the_accumulated_step(overrides, batch, micro_batches, on
     # The planner's formulas are matched to live tensors (megaclip.memory_activations); the loss's temporaries are
     # counted by shape, not freed op by op: measured within 1.2 %.
     assert planned == pytest.approx(live, rel=0.02)
+
+
+def test_fusion_terms_run_a_micro_batch_at_a_time(one_thread):
+    # 64 samples in 8 micro-batches. Without chunks the loss pass holds the fusion activations of 3 · 64
+    # ITM pairs and 64 captions at once; in chunks of the micro-batch, those of 8 rows beside the cached
+    # features: measured 0.87 MiB against 10.2, and the planner (which counts chunks whenever there are
+    # micro-batches) 0.75. Its fusion terms are estimated by shape, not matched to live tensors as the
+    # towers' are (the attention's temporaries): within 25 %.
+    chunked, planned = accumulation_peak([*FUSION, "mbs=8"], 64, 8)
+    whole, _ = accumulation_peak(FUSION, 64, 8)  # no micro_batch_size in the config: all rows at once
+    assert chunked < 0.25 * whole
+    assert planned == pytest.approx(chunked, rel=0.25)
 
 
 def test_fit_proposes_accumulation_when_nothing_else_fits(capsys):
