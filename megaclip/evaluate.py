@@ -102,13 +102,13 @@ def encode_split(model, batches: Iterable, device: torch.device, autocast, state
             if states:
                 features, grid = model.visual.forward_with_tokens(batch.images.to(device))
                 images.append(F.normalize(features, dim=-1).float().cpu())
-                image_tokens.append(grid.float().cpu())
+                image_tokens.append(grid.cpu())  # in the model's dtype: what the fusion layers take
             else:
                 images.append(model.encode_image(batch.images.to(device)).float().cpu())
             if len(batch.tokens) and states:
                 features, caption_states = model.text.forward_with_states(batch.tokens.to(device))
                 texts.append(F.normalize(features, dim=-1).float().cpu())
-                text_states.append(caption_states.float().cpu())
+                text_states.append(caption_states.cpu())
                 tokens.append(batch.tokens)
             elif len(batch.tokens):
                 texts.append(model.encode_text(batch.tokens.to(device)).float().cpu())
@@ -138,12 +138,10 @@ def _reranked_totals(model, local: EncodedSplit, whole: EncodedSplit, first_imag
     from megaclip.rerank import match_scores, reranked_ranks
 
     def i2t(queries, candidates):  # local images against the whole split's captions
-        return match_scores(model, local.image_tokens[queries], whole.text_states[candidates], whole.tokens[candidates],
-                            device, autocast)
+        return match_scores(model, local.image_tokens, queries, whole.text_states, whole.tokens, candidates, device, autocast)
 
     def t2i(queries, candidates):  # local captions against the whole split's images
-        return match_scores(model, whole.image_tokens[candidates], local.text_states[queries], local.tokens[queries],
-                            device, autocast)
+        return match_scores(model, whole.image_tokens, candidates, local.text_states, local.tokens, queries, device, autocast)
 
     own = torch.arange(first_image, first_image + len(local.images)).unsqueeze(1)
     i2t_ranks = reranked_ranks(local.images @ whole.texts.T, whole.caption_image.unsqueeze(0) == own, k, i2t)

@@ -42,15 +42,17 @@ def reranked_ranks(scores: torch.Tensor, positive: torch.Tensor, k: int,
 
 
 @torch.no_grad()
-def match_scores(model, image_tokens: torch.Tensor, text_states: torch.Tensor, tokens: torch.Tensor,
-                 device: torch.device, autocast) -> torch.Tensor:
-    """The match head's margin (match minus no-match logit) of each pair, on the CPU: ordered as the
-    probability is, without its saturation at 1 in float (which would make ties of clear matches)."""
+def match_scores(model, image_tokens: torch.Tensor, image_rows: torch.Tensor, text_states: torch.Tensor,
+                 tokens: torch.Tensor, text_rows: torch.Tensor, device: torch.device, autocast) -> torch.Tensor:
+    """The match head's margin (match minus no-match logit) of each pair (``image_rows[i]`` of the image
+    tokens, ``text_rows[i]`` of the caption states and tokens), on the CPU: ordered as the probability
+    is, without its saturation at 1 in float (which would make ties of clear matches). The pairs' states
+    are gathered a pass at a time: all k × queries of them at once would be k copies of the split's."""
     margins = []
-    for start in range(0, len(tokens), PAIRS_PER_PASS):
-        part = slice(start, start + PAIRS_PER_PASS)
+    for start in range(0, len(image_rows), PAIRS_PER_PASS):
+        images, texts = image_rows[start:start + PAIRS_PER_PASS], text_rows[start:start + PAIRS_PER_PASS]
         with autocast:
-            logits = model.fusion.match_logits(image_tokens[part].to(device), text_states[part].to(device),
-                                               tokens[part].to(device)).float()
+            logits = model.fusion.match_logits(image_tokens[images].to(device), text_states[texts].to(device),
+                                               tokens[texts].to(device)).float()
         margins.append((logits[:, 1] - logits[:, 0]).cpu())
     return torch.cat(margins) if margins else torch.empty(0)

@@ -7,9 +7,10 @@ from torch import nn
 from megaclip import distributed
 from megaclip.data.eval_loader import EvalBatch
 from megaclip.evaluate import evaluate_retrieval
-from megaclip.rerank import reranked_ranks
+from megaclip.rerank import PAIRS_PER_PASS, match_scores, reranked_ranks
 from tests.distributed import run_distributed
 from tests.test_evaluation import CPU, NO_AUTOCAST, random_split
+from tests.test_memory import LiveBytes
 
 
 def brute_force_rank(scores, match, positive, k):
@@ -102,3 +103,32 @@ def test_evaluate_retrieval_reranks_as_brute_force_on_one_and_two_ranks(k):
         for metrics in run_distributed(_rerank_on_my_share, world, 1, k):
             assert {name: metrics[name] for name in expected} == pytest.approx(expected)
     assert expected["rerank_i2t_R@1"] > 0 and expected["rerank_t2i_R@1"] > 0
+
+
+class PairSums(nn.Module):
+    """A match head scoring a pair by the sums of its image tokens and caption states, recording how
+    many pairs each pass takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = []
+
+    def match_logits(self, image_tokens, text_states, tokens):
+        self.passes.append(len(tokens))
+        return torch.stack([torch.zeros(len(tokens)), image_tokens.sum((1, 2)) - text_states.sum((1, 2))], dim=1)
+
+
+def test_match_scores_gathers_the_pairs_a_pass_at_a_time():
+    model = nn.Module()
+    model.fusion = PairSums()
+    images, states, tokens = torch.randn(10, 5, 4), torch.randn(12, 3, 4), torch.randint(0, 9, (12, 3))
+    image_rows, text_rows = torch.randint(0, 10, (3 * PAIRS_PER_PASS + 7,)), torch.randint(0, 12, (3 * PAIRS_PER_PASS + 7,))
+    live = LiveBytes([images, states, tokens, image_rows, text_rows])
+    with live:
+        margins = match_scores(model, images, image_rows, states, tokens, text_rows, CPU, NO_AUTOCAST)
+    assert torch.equal(margins, images[image_rows].sum((1, 2)) - states[text_rows].sum((1, 2)))
+    assert model.fusion.passes == [PAIRS_PER_PASS] * 3 + [7]
+    # the pairs' states one pass at a time (and that pass's scores), not all of them: every pair's
+    # image tokens and caption states at once would be 3 passes' more
+    pair_bytes = (5 * 4 + 3 * 4) * 4 + 3 * 8
+    assert live.peak < 2 * PAIRS_PER_PASS * pair_bytes
