@@ -132,6 +132,9 @@ class DataConfig:
     eval_batch_size: int = 256
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     synthetic_train_samples: int = 16384
+    # 1: "a red circle at the top left"; 2: "... and a blue square on the right", the val split each
+    # scene beside its colours' swap (a test of binding; its zero-shot synthetic task must be null)
+    synthetic_objects: int = 1
 
 
 @dataclass

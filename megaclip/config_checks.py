@@ -55,6 +55,7 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
                           "batch x batch logits to tile (set it to 0)")
     if m.fusion.num_layers:
         _validate_fusion(m, tp)
+    _validate_synthetic_objects(m)
     if m.optim.name not in ("fused_adam", "distributed_fused_adam"):
         raise ConfigError(f"model.optim.name '{m.optim.name}' is not supported (choose fused_adam or distributed_fused_adam)")
     for key in ("max_steps", "log_every_n_steps", "val_check_interval", "max_consecutive_nonfinite", "sync_every_n_steps"):
@@ -77,6 +78,11 @@ def validate(cfg: Any, world_size: int, data: bool = True) -> None:
         from megaclip.preflight import validate_data
 
         validate_data(m, dp)
+        from megaclip.data.prepare import synthetic_kind_problem
+
+        problem = synthetic_kind_problem(m)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _validate_tower(name: str, t: Any, tp: int) -> None:
@@ -133,6 +139,23 @@ def _validate_fusion(m: Any, tp: int) -> None:
     if m.sequence_parallel and not m.fusion.causal and m.text.encoder_seq_length % tp:
         raise ConfigError(f"model.sequence_parallel: the fusion layers attend both ways, so the text length "
                           f"{m.text.encoder_seq_length} must divide by tp {tp} (or set model.fusion.causal=true)")
+
+
+def _validate_synthetic_objects(m: Any) -> None:
+    d = m.data
+    if d.synthetic_objects not in (1, 2):
+        raise ConfigError(f"model.data.synthetic_objects must be 1 or 2, got {d.synthetic_objects}")
+    if d.synthetic_objects == 1 or d.synthetic_dir is None:
+        return
+    if d.zeroshot.synthetic and d.val_shards is None:
+        raise ConfigError(f"model.data.zeroshot.synthetic={d.zeroshot.synthetic} names the one object of an image; the "
+                          "two-object synthetic set (model.data.synthetic_objects=2) has none: set it to null")
+    # "a purple triangle at the bottom left and a white diamond at the bottom right": 15 words, each a
+    # token, with the start and end of text
+    longest = 17
+    if d.train_shards is None and m.text.encoder_seq_length < longest:
+        raise ConfigError(f"model.text.encoder_seq_length {m.text.encoder_seq_length} cuts the two-object synthetic "
+                          f"captions (up to {longest} tokens): set it to {longest} or more")
 
 
 def _nearest_heads(width: int, heads: int, tp: int) -> Optional[int]:

@@ -50,6 +50,18 @@ def synthetic_status(directory: str) -> str:
     return "complete" if all(splits) and os.path.isfile(synthetic.tokenizer_path(directory)) else "incomplete"
 
 
+def synthetic_kind_problem(model_cfg) -> Optional[str]:
+    """A line saying that the complete synthetic set the config reads is of another kind, else None."""
+    d = model_cfg.data
+    if not (uses_synthetic(model_cfg) and synthetic_status(d.synthetic_dir) == "complete"):
+        return None
+    found = synthetic.objects_in(d.synthetic_dir)
+    if found == d.synthetic_objects:
+        return None
+    return (f"model.data.synthetic_dir {d.synthetic_dir} holds the {found}-object synthetic set, not the "
+            f"model.data.synthetic_objects={d.synthetic_objects} kind: name another directory (or remove it to have it generated again)")
+
+
 def ensure_synthetic(model_cfg) -> None:
     """Generate the synthetic set if the config uses it and it is absent (or an empty directory); all
     ranks return once it exists."""
@@ -59,6 +71,6 @@ def ensure_synthetic(model_cfg) -> None:
         print(f"generating synthetic shards in {d.synthetic_dir} ...", flush=True)
         # Rendered at 64 px at least so that downscaling to the model's size anti-aliases the shapes.
         synthetic.write_synthetic_shards(d.synthetic_dir, image_size=max(64, model_cfg.vision.img_h),
-                                         train_samples=d.synthetic_train_samples, seed=0)
+                                         train_samples=d.synthetic_train_samples, seed=0, objects=d.synthetic_objects)
     if dist.is_initialized():  # generating (~15 s for 16k pairs on one core) may outlast a short collective timeout
         distributed.barrier_allowing(GENERATION_LIMIT_S)
