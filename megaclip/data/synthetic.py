@@ -121,7 +121,7 @@ def _train_scenes(count: int, objects: int, rng: np.random.Generator):
     colours = list(COLOURS)
     for _ in range(count):
         if objects == 1:
-            yield (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], int(rng.integers(len(POSITIONS)))),
+            yield ((colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], int(rng.integers(len(POSITIONS)))),)
         else:
             positions = sorted(int(p) for p in rng.choice(len(POSITIONS), 2, replace=False))
             yield tuple((colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], p) for p in positions)
