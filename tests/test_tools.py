@@ -175,6 +175,9 @@ BAD_EVALUATE_INPUT = {  # case: (arguments, the error line)
                            r".*other names no val split \(model\.data\.val_shards\): pass --val-shards"),
     "val shards that do not exist": (lambda tmp, ckpt: ["--checkpoint", ckpt, "--val-shards", tmp / "v-{0..1}.tar"],
                                      r"2 shard\(s\) of .* do not exist"),
+    "synthetic zero-shot on the two-object set": (
+        lambda tmp, ckpt: [*_checkpoint_with(tmp, ckpt, {"data": {"synthetic_objects": 2}}), "--synthetic-zeroshot", "colour"],
+        r"--synthetic-zeroshot labels the one object of a synthetic image; .*other's val split is the two-object set"),
     "missing class file": (lambda tmp, ckpt: ["--checkpoint", ckpt, "--zeroshot-folder", _class_folder(tmp),
                                               "--classes", tmp / "classes.txt"], r"\[Errno 2\] No such file or directory: .*classes\.txt"),
     "class file that does not fit the folder": (

@@ -57,6 +57,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.rerank_k and fusion is None:
         raise ValueError(f"--rerank-k: {args.checkpoint} has no fusion layers (model.fusion.num_layers=0) to re-rank with")
     rerank_k = 0 if fusion is None else args.rerank_k if args.rerank_k is not None else m.fusion.rerank_k
+    if args.synthetic_zeroshot and args.val_shards is None and m.data.get("synthetic_objects", 1) != 1:
+        raise ValueError(f"--synthetic-zeroshot labels the one object of a synthetic image; {args.checkpoint}'s val "
+                         "split is the two-object set (model.data.synthetic_objects=2)")
     sources = prepare.resolve(m)
     val_shards = args.val_shards or sources.val_shards
     needs_val = model.text is not None or args.synthetic_zeroshot  # retrieval, or the synthetic labels
