@@ -150,9 +150,9 @@ def _validate_synthetic_objects(m: Any) -> None:
     if d.zeroshot.synthetic and d.val_shards is None:
         raise ConfigError(f"model.data.zeroshot.synthetic={d.zeroshot.synthetic} names the one object of an image; the "
                           "two-object synthetic set (model.data.synthetic_objects=2) has none: set it to null")
-    # "a purple triangle at the bottom left and a white diamond at the bottom right": 15 words, each a
-    # token, with the start and end of text
-    longest = 17
+    from megaclip.data.synthetic import longest_caption_tokens  # the data's modules only where they are used
+
+    longest = longest_caption_tokens(2)
     if d.train_shards is None and m.text.encoder_seq_length < longest:
         raise ConfigError(f"model.text.encoder_seq_length {m.text.encoder_seq_length} cuts the two-object synthetic "
                           f"captions (up to {longest} tokens): set it to {longest} or more")

@@ -102,7 +102,7 @@ def encode_split(model, batches: Iterable, device: torch.device, autocast, state
             if states:
                 features, grid = model.visual.forward_with_tokens(batch.images.to(device))
                 images.append(F.normalize(features, dim=-1).float().cpu())
-                image_tokens.append(grid.cpu())  # in the model's dtype: what the fusion layers take
+                image_tokens.append(grid.cpu())  # as the tower gives them (no fp32 copy): what the fusion layers take
             else:
                 images.append(model.encode_image(batch.images.to(device)).float().cpu())
             if len(batch.tokens) and states:

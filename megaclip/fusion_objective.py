@@ -146,24 +146,19 @@ class FusionObjective(Objective):
         """Next-token cross-entropy over the caption tokens up to its end-of-text token, through the
         fusion layers under a causal mask; the mean over the global batch's tokens (see the module)."""
         rank, size = self._dp()
-        counted = self._caption_targets(model, tokens)
+        end = (tokens == model.fusion.eot_id).int().argmax(dim=1, keepdim=True)
+        counted = torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < end  # targets up to end
 
-        def caption_nll(image_tokens, text_states, tokens):  # each caption's summed next-token NLL
+        def caption_nll(image_tokens, text_states, tokens, counted):  # each caption's summed next-token NLL
             fused = model.fusion(image_tokens, text_states, causal=True)
             logits = caption_logits(fused[:, :-1], model.text.token_embedding.weight, self.vocab_size)
-            return torch.where(self._caption_targets(model, tokens), token_nll(logits, tokens[:, 1:]), 0.0).sum(dim=1)
+            return torch.where(counted, token_nll(logits, tokens[:, 1:]), 0.0).sum(dim=1)
 
-        nll = self._over_rows(caption_nll, [(image_tokens, text_states, tokens)])
+        nll = self._over_rows(caption_nll, [(image_tokens, text_states, tokens, counted)])
         count = counted.sum().float()
         if size > 1:
             dist.all_reduce(count, group=self.dp_group)
         return nll.sum() * size / count.clamp(min=1)
-
-    @staticmethod
-    def _caption_targets(model, tokens):
-        """Which next-token targets count: those up to each caption's end-of-text token."""
-        end = (tokens == model.fusion.eot_id).int().argmax(dim=1, keepdim=True)
-        return torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < end
 
     def _over_rows(self, fn, groups):
         """``fn`` over the rows of every group of row-aligned tensors, results concatenated in order. All

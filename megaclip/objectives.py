@@ -103,6 +103,10 @@ class CatLipObjective(Objective):
     def __init__(self, model_cfg, dp_group):
         self.dp_group = dp_group
 
+    @staticmethod
+    def loss_only_parameters(model) -> List[nn.Parameter]:
+        return []  # features() runs the head too: the loss alone reaches no parameter
+
     def features(self, model, images, targets):
         return model.classify(images), targets
 

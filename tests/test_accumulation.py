@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from megaclip import accumulation, distributed, precision
+from megaclip import accumulation, distributed, fusion_objective, precision
 from megaclip.config import load_config
 from megaclip.memory import GiB, Layout, least_recompute_fit
 from megaclip.memory_activations import activation_bytes
@@ -149,9 +149,10 @@ def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
             # (3e-3 measured), hence 2^-5. A tensor whose gradient is a sum of many cancelling terms (the
             # fusion layers' LayerNorms, run a micro-batch of rows at a time: their gradient's norm is a
             # small part of its terms') keeps fewer digits: up to 1e-1 measured, hence 2^-2 per tensor.
-            # Both are far below what the test guards against: the logit scale counted twice (100 %), a
-            # micro-batch lost or counted twice (50 % at k = 2, of the whole gradient and of every tensor);
-            # the fp32 tests above check every tensor to 1e-5. The loss and the scalars' gradients are
+            # The whole-gradient bound is the guard against what the test is for: the logit scale counted
+            # twice (100 %), a micro-batch lost or counted twice (~50 % of the whole gradient at k = 2); the
+            # per-tensor bound catches a tensor's gradient lost or doubled (100 %). The fp32 tests above
+            # check every tensor to 1e-5. The loss and the scalars' gradients are
             # computed in fp32 from bf16 features that pass 1 and pass 3 compute alike: 2^-8.
             assert loss == pytest.approx(ref_loss, rel=2 ** -8) and norm == pytest.approx(ref_norm, rel=2 ** -5)
             difference = torch.stack([(grads[n] - g).norm() for n, g in ref.items()]).norm()
@@ -163,8 +164,11 @@ def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
 
 def gradients_with_dropout(name, micro_batches, replay=True):
     """One step with tower dropout on: the gradients of GradCache's accumulation, and the reference: the
-    loss of the features of the same micro-batch forwards, the same draws, through autograd."""
-    cfg, model, objective = build(name, *DROPOUT)
+    loss of the features of the same micro-batch forwards, the same draws, through autograd. The fusion
+    layers (the text tower's dropout) run the loss's rows a micro-batch at a time, each chunk recomputed
+    in backward; the reference runs the same chunks without the recomputation (its backward uses the
+    masks its forward drew), so the chunks' replay is checked too."""
+    cfg, model, objective = build(name, *DROPOUT, f"mbs={BATCH // distributed.dp_size() // micro_batches}")
     images, tokens = rank_batch(cfg, name, 0)
     rng, replay_state = torch.get_rng_state(), accumulation._set_rng_state
     if not replay:  # what open_clip does: pass 3 draws new dropout masks
@@ -180,14 +184,19 @@ def gradients_with_dropout(name, micro_batches, replay=True):
     for i, part in enumerate(zip(images.chunk(micro_batches), tokens.chunk(micro_batches))):
         with drawn_for_step(seed, i, micro_batches):
             features.append(objective.features(model, *part))
-    ref_loss, _ = objective.loss(model, tuple(torch.cat(f) for f in zip(*features)))
+    recompute, fusion_objective.checkpoint = fusion_objective.checkpoint, lambda fn, *args, **_: fn(*args)
+    try:
+        with drawn_for_step(seed + accumulation.LOSS_STREAM):  # the fusion negatives' draws, as accumulation's
+            ref_loss, _ = objective.loss(model, tuple(torch.cat(f) for f in zip(*features)))
+    finally:
+        fusion_objective.checkpoint = recompute
     ref_loss.backward()
     return loss.item(), ref_loss.item(), accumulated, {n: g for n, (_, g) in full_tensors(model, cfg).items()}
 
 
 def dropout_cases():
     return {(name, k, replay): gradients_with_dropout(name, k, replay)
-            for name in ("clip-global", "siglip") for k in (2, 4) for replay in (True, False)}
+            for name in ("clip-global", "siglip", "fusion") for k in (2, 4) for replay in (True, False)}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +204,7 @@ def dropout():
     return run_distributed(dropout_cases, 4, 2)
 
 
-@pytest.mark.parametrize("name", ["clip-global", "siglip"])
+@pytest.mark.parametrize("name", ["clip-global", "siglip", "fusion"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_dropout_is_replayed(dropout, name, k):
     """Attention and hidden dropout draw masks of the micro-batch's shape, so no split can draw the whole

@@ -131,6 +131,18 @@ def test_a_second_backward_outside_no_sync_is_refused():
         ClipLoss()(*model(images, tokens)).backward()
 
 
+def test_a_gradient_after_gradients_final_is_refused_inside_no_sync_too():
+    # gradients_final starts the buckets of the parameters it is given; a later backward reaching one of
+    # them, even inside no_sync, would add into a buffer its collective may be reading
+    cfg = small_config()
+    model = CLIPModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.model)
+    optimizer.gradients_final(list(model.parameters()))  # every bucket complete: all of them start
+    images, tokens = fixed_batch(cfg, 4)
+    with optimizer.no_sync(), pytest.raises(RuntimeError, match=re.escape("optimizer.gradients_final only parameters")):
+        ClipLoss()(*model(images, tokens)).backward()
+
+
 def test_bucket_size_is_validated():
     with pytest.raises(ConfigError, match=re.escape("model.optim.bucket_size_mb must be > 0, got 0")):
         validate(load_config("clip_tiny", ["model.optim.bucket_size_mb=0"]), world_size=1, data=False)

@@ -124,6 +124,7 @@ def test_tiled_loss_computes_each_tile_once(local, block):
     Computing each tile for each direction of the global loss (2 + 6) would be 8/3."""
     assert matmul_flops(local, block) <= matmul_flops(local, 0) * 4 / 3
 
+
 def test_clip_loss_stays_fp32_under_autocast():
     x, y, scale, _ = (t.float() for t in features(BATCH))
     with torch.autocast("cpu", dtype=torch.bfloat16):

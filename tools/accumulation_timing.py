@@ -62,15 +62,19 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, m, distributed.dp_group(), distributed.tp_group())
     images = torch.randn(args.batch, m.vision.num_channels, m.vision.img_h, m.vision.img_w)
     tokens = torch.randint(1, m.text.vocab_size, (args.batch, m.text.encoder_seq_length))
-    tiled_cfg = load_config(args.config_name, layers + args.overrides + [f"model.loss_block_size={args.block}"])
-    tiled = build_objective(tiled_cfg.model, distributed.dp_group())
-    k = args.micro_batches
-    settings = {name: step(model, optimizer, objective, images, tokens, micro_batches, m.optim.grad_clip)
-                for name, objective, micro_batches in (
-                    ("whole batch", build_objective(m, distributed.dp_group()), 1),
-                    (f"{k} micro-batches", build_objective(m, distributed.dp_group()), k),
-                    (f"whole batch, tiled loss {args.block}", tiled, 1),
-                    (f"{k} micro-batches, tiled loss {args.block}", tiled, k))}
+    k, tiled = args.micro_batches, [f"model.loss_block_size={args.block}"]
+
+    def objective(micro_batches: int, *extra: str):
+        """As the loop builds it for this many micro-batches (mbs set: the fusion terms run in chunks of it)."""
+        setting = load_config(args.config_name, layers + args.overrides + [f"mbs={args.batch // micro_batches}", *extra])
+        return build_objective(setting.model, distributed.dp_group())
+
+    settings = {name: step(model, optimizer, objective(micro_batches, *extra), images, tokens, micro_batches, m.optim.grad_clip)
+                for name, micro_batches, extra in (
+                    ("whole batch", 1, []),
+                    (f"{k} micro-batches", k, []),
+                    (f"whole batch, tiled loss {args.block}", 1, tiled),
+                    (f"{k} micro-batches, tiled loss {args.block}", k, tiled))}
     times = measure(settings, args.rounds)
     print(f"{args.config_name}{' ' + ' '.join(layers + args.overrides) if layers or args.overrides else ''} "
           f"({m.loss}), batch {args.batch}, {args.rounds} rounds, 1 CPU thread")

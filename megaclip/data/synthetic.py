@@ -64,6 +64,13 @@ def scene_caption(scene: Scene) -> str:
     return " and ".join(caption(*obj) for obj in scene)
 
 
+def longest_caption_tokens(objects: int) -> int:
+    """Tokens of the kind's longest caption: a token per word (the tokenizer's), "and" between the
+    objects, the start and end of text."""
+    words = max(len(caption(*obj).split()) for obj in itertools.product(COLOURS, SHAPES, range(len(POSITIONS))))
+    return objects * words + objects - 1 + 2
+
+
 def binding_swap(scene: Scene) -> Scene:
     """The two-object scene with the colours exchanged between its shapes: the same words captioned."""
     (colour_a, shape_a, position_a), (colour_b, shape_b, position_b) = scene

@@ -113,15 +113,16 @@ class GradientBuckets:
 
     @torch.no_grad()
     def _gradient_ready(self, p: nn.Parameter) -> None:
+        bucket = self._owner[id(p)]
+        if bucket.started:  # inside no_sync too: the collective may be reading the buffer right now
+            raise RuntimeError("a gradient arrived after its bucket's reduction had started: run every backward "
+                               "but the last of an optimizer step inside optimizer.no_sync(), and hand "
+                               "optimizer.gradients_final only parameters no later backward reaches")
         if p.grad is not None and p.grad.data_ptr() != p.main_grad.data_ptr():
             p.main_grad.add_(p.grad)  # a bf16 gradient, or a .grad someone replaced: keep the sum in fp32
             p.grad = p.main_grad if p.dtype == torch.float32 else None
         if not (self.syncing and self.overlap):
             return
-        bucket = self._owner[id(p)]
-        if bucket.started:
-            raise RuntimeError("a gradient arrived after its bucket's reduction had started: run every backward "
-                               "but the last of an optimizer step inside optimizer.no_sync()")
         bucket.ready.add(id(p))
         self._start_ready()
 
