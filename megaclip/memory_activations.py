@@ -219,7 +219,10 @@ def _fusion(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
     projection, P·s_v·(h_v + h); the captioning logits 2·c/4·s·V/t fp32 for c captions (kept and their
     softmax). Under GradCache the terms run a micro-batch of b rows at a time, each chunk checkpointed
     (megaclip.fusion_objective): one chunk's activations at most (b pairs, b captions' logits), beside
-    the negatives fetched for the rank's batch, its b·k image tokens and text states."""
+    the negatives fetched for the rank's batch, its b·k image tokens and text states. Before the layers,
+    the hard negatives are drawn from r × N similarities (r: loss_block_size rows, or the rank's batch; N
+    the global batch): three fp32 and three bool temporaries of that shape at once, gone by the time the
+    layers run, so counted with the transient bytes."""
     if not fusion_layer_count(model_cfg):
         return 0, 0
     from megaclip.model.fusion import fusion_config
@@ -238,7 +241,10 @@ def _fusion(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
              + (2 * tokens * h + 2 * image_tokens * h) * e.compute // t + 4 * tokens * f.num_attention_heads // t)
     start = image_tokens * ((0 if chunked else model_cfg.vision.hidden_size * e.residual) + h * e.compute)  # chunks: views
     logits = 2 * 4 * b * s * padded_vocab_size(model_cfg.text.vocab_size, t) // t if lm else 0
-    return negatives + start + f.num_layers * (full + cross) + logits, working + logits
+    rank_batch = b * layout.micro_batches
+    drawn_rows = min(model_cfg.get("loss_block_size", 0) or rank_batch, rank_batch)
+    draw = itm * drawn_rows * layout.dp * rank_batch * (3 * 4 + 3)
+    return negatives + start + f.num_layers * (full + cross) + logits, max(working + logits, draw)
 
 
 def objective_bytes(model_cfg, layout: Layout, e: _Bytes) -> Tuple[int, int]:
