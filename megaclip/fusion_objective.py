@@ -134,8 +134,11 @@ class FusionObjective(Objective):
             text_for_image, image_for_text = self.sample_negatives(
                 lambda rows: scale * image_features[rows] @ all_text.T,
                 lambda rows: scale * text_features[rows] @ all_image.T, own, caption_id, uniforms, self.block_size)
-        negative_states = fetch_rows(text_states, gather(text_for_image).view(size, batch), self.dp_group)
-        negative_images = fetch_rows(image_tokens, gather(image_for_text).view(size, batch), self.dp_group)
+        # every rank's draws, both sides in one gather, on the host once: the exchanges' plans need them there
+        drawn = gather(torch.stack([text_for_image, image_for_text], dim=1)).view(size, batch, 2)
+        drawn = drawn.cpu() if size > 1 else drawn
+        negative_states = fetch_rows(text_states, drawn[..., 0], self.dp_group)
+        negative_images = fetch_rows(image_tokens, drawn[..., 1], self.dp_group)
         match = self._over_rows(model.fusion.match_logits, [(image_tokens, text_states, tokens),
                                                              (image_tokens, negative_states, all_tokens[text_for_image]),
                                                              (negative_images, text_states, tokens)])
