@@ -79,13 +79,15 @@ def test_synthetic_is_deterministic_and_refuses_to_overwrite(tmp_path):
         write_synthetic_shards(tmp_path / "a", train_samples=8)
 
 
-def test_make_shards_cli(tmp_path):
+@pytest.mark.parametrize("objects", [1, 2])
+def test_make_shards_cli(tmp_path, objects):
     out = tmp_path / "cli"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_shards.py"), "synthetic", "--out", str(out),
-                    "--image-size", "16", "--train-samples", "64", "--samples-per-shard", "16"],
+                    "--image-size", "16", "--train-samples", "64", "--samples-per-shard", "16", "--objects", str(objects)],
                    check=True, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True)
+    marker = ["objects.txt"] if objects == 2 else []  # the two-object set says its kind; the one-object set never did
     assert sorted(os.listdir(out)) == sorted([f"train-{i:06d}.tar" for i in range(4)] +
-                                             [f"val-{i:06d}.tar" for i in range(4)] + ["tokenizer.model"])
+                                             [f"val-{i:06d}.tar" for i in range(4)] + ["tokenizer.model", *marker])
 
 
 def test_tokenizer(synthetic, tokenizer):

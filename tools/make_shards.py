@@ -1,6 +1,7 @@
 """Write webdataset shards for training.
 
     python tools/make_shards.py synthetic --out data/synthetic
+    python tools/make_shards.py synthetic --objects 2 --out data/synthetic_two_objects
     python tools/make_shards.py folder --images photos/ --captions captions.csv --out data/photos --val-fraction 0.02
 
 img2dataset's webdataset output (--output_format webdataset) needs no conversion: point
@@ -18,7 +19,7 @@ def synthetic(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     shards = write_synthetic_shards(
         args.out, image_size=args.image_size, train_samples=args.train_samples,
-        samples_per_shard=args.samples_per_shard, seed=args.seed,
+        samples_per_shard=args.samples_per_shard, seed=args.seed, objects=args.objects,
     )
     print(f"wrote {shards.train_samples} train samples to {shards.train_shards}")
     print(f"wrote {shards.val_samples} val samples to {shards.val_shards}")
@@ -45,6 +46,8 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=16384)
     p.add_argument("--samples-per-shard", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objects", type=int, choices=(1, 2), default=1,
+                   help="shapes per image; 2: the binding set, each val scene beside its colour swap")
     p.set_defaults(run=synthetic)
     p = modes.add_parser("folder", help="a folder of images and a captions table (CSV, or parquet with pyarrow)")
     p.add_argument("--images", required=True, help="folder the table's file names are relative to")
