@@ -27,7 +27,7 @@ from megaclip.config import load_config  # noqa: E402
 from megaclip.model import CLIPModel  # noqa: E402
 from megaclip.objectives import build_objective  # noqa: E402
 from megaclip.optim import build_optimizer  # noqa: E402
-from objective_timing import measure, one_process, print_ratios  # noqa: E402
+from objective_timing import measure_and_report, one_process  # noqa: E402
 
 
 def step(model, optimizer, objective, images, tokens, micro_batches: int, grad_clip: float):
@@ -75,12 +75,7 @@ def main(argv=None) -> int:
                     (f"{k} micro-batches", k, []),
                     (f"whole batch, tiled loss {args.block}", 1, tiled),
                     (f"{k} micro-batches, tiled loss {args.block}", k, tiled))}
-    times = measure(settings, args.rounds)
-    print(f"{args.config_name}{' ' + ' '.join(layers + args.overrides) if layers or args.overrides else ''} "
-          f"({m.loss}), batch {args.batch}, {args.rounds} rounds, 1 CPU thread")
-    print_ratios(times, "whole batch")
-    distributed.shutdown()
-    return 0
+    return measure_and_report(settings, args, "whole batch", f" ({m.loss})")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,18 @@ def print_ratios(times, reference: str) -> None:
               f"({min(ratios):.2f}-{max(ratios):.2f})")
 
 
+def measure_and_report(settings, args, reference: str, what: str = "") -> int:
+    """Time ``settings`` over ``args.rounds``, print the run's heading and the ratio table, end the
+    process group; the tools' exit code."""
+    times = measure(settings, args.rounds)
+    layers = [f"model.{t}.num_layers={args.layers}" for t in ("vision", "text")] if args.layers else []
+    changes = " ".join(layers + args.overrides)
+    print(f"{args.config_name}{' ' + changes if changes else ''}{what}, batch {args.batch}, {args.rounds} rounds, 1 CPU thread")
+    print_ratios(times, reference)
+    distributed.shutdown()
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-name", default="clip_tiny")
@@ -119,12 +131,7 @@ def main(argv=None) -> int:
     steps = {name: Step(load_config(args.config_name, layers + args.overrides + keys), args.batch, args.classes)
              for name, keys in OBJECTIVES.items()}
     settings = {**steps, **{f"clip, drop_patch_rate {rate}": with_patch_rate(steps["clip"], rate) for rate in PATCH_RATES}}
-    times = measure(settings, args.rounds)
-    print(f"{args.config_name}{' ' + ' '.join(layers + args.overrides) if layers or args.overrides else ''}, "
-          f"batch {args.batch}, {args.rounds} rounds, 1 CPU thread")
-    print_ratios(times, "clip")
-    distributed.shutdown()
-    return 0
+    return measure_and_report(settings, args, "clip")
 
 
 if __name__ == "__main__":
