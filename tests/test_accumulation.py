@@ -148,7 +148,11 @@ def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
             # activations differently by an ulp; the whole gradient then moves by a few eps of its norm
             # (3e-3 measured), hence 2^-5. A tensor whose gradient is a sum of many cancelling terms (the
             # fusion layers' LayerNorms, run a micro-batch of rows at a time: their gradient's norm is a
-            # small part of its terms') keeps fewer digits: up to 1e-1 measured, hence 2^-2 per tensor.
+            # small part of its terms') keeps fewer digits: up to 1e-1 measured, hence 2^-1 per tensor.
+            # Other CPUs (AVX2, AVX-512, with or without native bf16 dot products) pick other matmul
+            # blockings, so other ulps flip, but each flip is still one bf16 rounding: the sizes above are
+            # set by bf16's eps and the cancellation, not by this machine, and the bounds leave 10x (whole)
+            # and 5x (per tensor) over what was measured.
             # The whole-gradient bound is the guard against what the test is for: the logit scale counted
             # twice (100 %), a micro-batch lost or counted twice (~50 % of the whole gradient at k = 2); the
             # per-tensor bound catches a tensor's gradient lost or doubled (100 %). The fp32 tests above
@@ -158,7 +162,7 @@ def test_micro_batches_under_bf16_o2_give_the_whole_batch_gradient():
             difference = torch.stack([(grads[n] - g).norm() for n, g in ref.items()]).norm()
             assert difference <= 2 ** -5 * torch.stack([g.norm() for g in ref.values()]).norm(), name
             for n, g in ref.items():
-                assert (grads[n] - g).norm() <= 2 ** -2 * g.norm(), (name, n)
+                assert (grads[n] - g).norm() <= 2 ** -1 * g.norm(), (name, n)
             assert grads["logit_scale"].item() == pytest.approx(ref["logit_scale"].item(), rel=2 ** -8)
 
 
@@ -295,7 +299,8 @@ def test_fusion_terms_run_a_micro_batch_at_a_time(one_thread):
     # ITM pairs and 64 captions at once; in chunks of the micro-batch, those of 8 rows beside the cached
     # features: measured 0.87 MiB against 10.2, and the planner (which counts chunks whenever there are
     # micro-batches) 0.75. Its fusion terms are estimated by shape, not matched to live tensors as the
-    # towers' are (the attention's temporaries): within 25 %.
+    # towers' are (the attention's temporaries): within 25 %. Both figures are bytes of tensors, fixed by
+    # the shapes and the order of the ops, not by the CPU's vector width.
     chunked, planned = accumulation_peak([*FUSION, "mbs=8"], 64, 8)
     whole, _ = accumulation_peak(FUSION, 64, 8)  # no micro_batch_size in the config: all rows at once
     assert chunked < 0.25 * whole
